@@ -1,0 +1,352 @@
+"""The transport-independent half of a client: correlation, send, emit.
+
+``send`` is cold, like Nest's Observable: it returns an ``Observable`` and
+nothing leaves until it is awaited, iterated or subscribed.  ``emit`` is hot:
+the event leaves at once.  Unlike Nest, every request has a finite timeout,
+because a reply that never comes must not hang the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, Generic, TypeVar
+
+from .common import DynamicModule, Module
+from .exceptions import (
+    ConnectionClosedError,
+    InvalidMessageError,
+    RequestTimeoutError,
+    RpcError,
+    WiringError,
+)
+
+T = TypeVar("T")
+OnNext = Callable[[Any], None]
+Source = Callable[[OnNext], Awaitable[None]]
+
+DEFAULT_TIMEOUT = 5.0
+_ENVELOPE_KEYS = frozenset({"id", "err", "response", "isDisposed", "status"})
+logger = logging.getLogger("nestpy_mini.client")
+
+
+class Subscription:
+    """A running ``subscribe()``: cancel it with ``unsubscribe()``, or await its end."""
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+
+    @property
+    def closed(self) -> bool:
+        return self._task.done()
+
+    def unsubscribe(self) -> None:
+        self._task.cancel()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        # Waiting for the end must not raise: the error went to on_error.
+        yield from asyncio.wait([self._task]).__await__()
+
+
+class Observable(Generic[T]):
+    """A cold stream of reply values: ``await`` it, ``async for`` it, or ``subscribe``."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._last().__await__()
+
+    async def _last(self) -> T:
+        """The last value, as ``lastValueFrom`` gives it; ``None`` if there was none."""
+        box: list[Any] = [None]
+        await self._source(lambda value: box.__setitem__(0, value))
+        return box[0]
+
+    async def to_list(self) -> list[T]:
+        values: list[T] = []
+        await self._source(values.append)
+        return values
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[T]:
+        queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+        task = asyncio.ensure_future(self._source(lambda v: queue.put_nowait((True, v))))
+        task.add_done_callback(lambda _: queue.put_nowait((False, None)))
+        try:
+            while True:
+                more, value = await queue.get()
+                if not more:
+                    break
+                yield value
+            task.result()  # raises the stream's error, if it ended with one
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def subscribe(
+        self,
+        on_next: Callable[[T], Any] | None = None,
+        on_error: Callable[[BaseException], Any] | None = None,
+        on_complete: Callable[[], Any] | None = None,
+    ) -> Subscription:
+        """Start the request now, in the running loop, and call back as values come."""
+        task = asyncio.ensure_future(self._source(on_next or (lambda _: None)))
+
+        def finished(t: asyncio.Task[None]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None:
+                if on_complete:
+                    on_complete()
+            elif on_error:
+                on_error(exc)
+            else:
+                logger.error("unhandled error in a subscription: %r", exc)
+
+        task.add_done_callback(finished)
+        return Subscription(task)
+
+
+class _Pending:
+    """One request waiting for its reply packets."""
+
+    __slots__ = ("describe", "done", "loop", "on_next", "timeout", "timer")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_next: OnNext, timeout: float, describe: str
+    ) -> None:
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_next = on_next
+        self.timeout = timeout
+        self.describe = describe
+        self.timer = loop.call_later(timeout, self.expire)
+
+    def expire(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(
+                RequestTimeoutError(f"no reply to {self.describe} within {self.timeout:g} s")
+            )
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def feed(self, packet: dict[str, Any]) -> None:
+        """Apply one reply packet, with the rules of Nest's ``createObserver``."""
+        if self.done.done():
+            return
+        err = packet.get("err")
+        if err:
+            self.done.set_exception(RpcError(err))
+            return
+        try:
+            if "response" in packet:
+                self.on_next(packet["response"])
+        except Exception as exc:  # the caller's own callback failed
+            self.done.set_exception(exc)
+            return
+        if packet.get("isDisposed"):
+            self.done.set_result(None)
+        else:  # a stream: the timeout counts from the latest value
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self.timeout, self.expire)
+
+
+class ClientProxy:
+    """Base of every transport's client.
+
+    A transport implements ``_connect``, ``_close``, ``_publish`` (a request
+    with an id) and ``_dispatch_event``; it hands every reply packet to
+    ``_on_reply`` and reports a lost connection to ``_on_connection_lost``.
+    """
+
+    transport_name = "base"
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options: dict[str, Any] = dict(options or {})
+        self.timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
+        self.connect_timeout = float(self.options.get("connect_timeout", self.timeout))
+        self._routing: dict[str, _Pending] = {}
+        self._connected = False
+        self._connect_lock: asyncio.Lock | None = None
+        # Ids only need to be unique per client while a request waits; a
+        # random prefix and a counter are cheaper than a random id each time.
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+
+    # --- what a transport provides --------------------------------------------
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _publish(self, pattern: Any, data: Any, msg_id: str) -> None:
+        raise NotImplementedError
+
+    async def _dispatch_event(self, pattern: Any, data: Any) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where this client connects, for error messages."""
+        return self.transport_name
+
+    # --- connection ---------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    async def connect(self) -> None:
+        """Connect once; later calls (and concurrent ones) reuse the connection."""
+        if self._connected:
+            return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._connected:
+                return
+            try:
+                await asyncio.wait_for(self._connect(), self.connect_timeout)
+            except TimeoutError as exc:
+                raise ConnectionError(
+                    f"cannot connect to {self.describe()}: no answer within "
+                    f"{self.connect_timeout:g} s"
+                ) from exc
+            except OSError as exc:
+                raise ConnectionError(f"cannot connect to {self.describe()}: {exc}") from exc
+            self._connected = True
+
+    async def close(self) -> None:
+        """Close the connection; every request still waiting fails at once."""
+        self._fail_pending(ConnectionClosedError(f"client for {self.describe()} was closed"))
+        was_connected, self._connected = self._connected, False
+        if was_connected:
+            await self._close()
+
+    async def on_application_shutdown(self) -> None:
+        await self.close()
+
+    def _on_connection_lost(self, exc: BaseException | None = None) -> None:
+        """The transport lost its connection; the next send connects again."""
+        self._connected = False
+        reason = f": {exc}" if exc else ""
+        self._fail_pending(ConnectionClosedError(f"connection to {self.describe()} closed{reason}"))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._routing = self._routing, {}
+        for call in pending.values():
+            call.fail(exc)
+
+    def _on_reply(self, packet: dict[str, Any]) -> None:
+        if not packet.keys() <= _ENVELOPE_KEYS:
+            # Not a Nest envelope: a foreign reply is the response itself,
+            # as Nest's IncomingResponseDeserializer reads it.
+            packet = {"id": packet.get("id"), "response": packet, "isDisposed": True}
+        call = self._routing.get(packet.get("id"))  # type: ignore[arg-type]
+        if call is not None:
+            call.feed(packet)
+        else:
+            logger.debug("dropped a reply for an unknown id %r", packet.get("id"))
+
+    # --- send and emit ------------------------------------------------------
+    def send(self, pattern: Any, data: Any, *, timeout: float | None = None) -> Observable[Any]:
+        """A request; cold until awaited, iterated or subscribed."""
+        if pattern is None or data is None:
+            raise InvalidMessageError
+        limit = self.timeout if timeout is None else float(timeout)
+        return Observable(lambda on_next: self._request(pattern, data, on_next, limit))
+
+    async def _request(self, pattern: Any, data: Any, on_next: OnNext, limit: float) -> None:
+        if not self._connected:
+            await self.connect()
+        msg_id = f"{self._id_prefix}{next(self._ids)}"
+        call = _Pending(asyncio.get_running_loop(), on_next, limit, f"{pattern!r}")
+        self._routing[msg_id] = call
+        try:
+            await self._publish(pattern, data, msg_id)
+            await call.done
+        finally:
+            call.timer.cancel()
+            self._routing.pop(msg_id, None)
+
+    def emit(self, pattern: Any, data: Any) -> asyncio.Future[None]:
+        """An event; it leaves now.  Await the result to know it was written."""
+        if pattern is None or data is None:
+            raise InvalidMessageError
+        task = asyncio.ensure_future(self._emit(pattern, data))
+        task.add_done_callback(_report_emit_failure)
+        return task
+
+    async def _emit(self, pattern: Any, data: Any) -> None:
+        if not self._connected:
+            await self.connect()
+        await self._dispatch_event(pattern, data)
+
+    async def __aenter__(self) -> ClientProxy:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _report_emit_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("emit failed: %s", task.exception())
+
+
+class ClientProxyFactory:
+    """Builds the client for a transport, as Nest's factory of the same name."""
+
+    @staticmethod
+    def create(
+        transport: int = 0,
+        options: dict[str, Any] | None = None,
+        custom_class: type[ClientProxy] | None = None,
+    ) -> ClientProxy:
+        if custom_class is not None:
+            return custom_class(options)
+        from .transports import load
+
+        return load(transport).CLIENT(options)
+
+
+@Module()
+class ClientsModule:
+    """``ClientsModule.register([...])`` provides one client per ``name`` token."""
+
+    @staticmethod
+    def register(clients: list[dict[str, Any]], *, is_global: bool = False) -> DynamicModule:
+        providers = []
+        for spec in clients:
+            if "name" not in spec:
+                raise WiringError(f"ClientsModule.register: client {spec!r} has no 'name'")
+            providers.append(
+                {
+                    "provide": spec["name"],
+                    "use_factory": _client_factory(spec),
+                }
+            )
+        return DynamicModule(
+            ClientsModule,
+            providers=providers,
+            exports=[p["provide"] for p in providers],
+            is_global=is_global,
+        )
+
+
+def _client_factory(spec: dict[str, Any]) -> Callable[[], ClientProxy]:
+    from .transports import Transport
+
+    transport = spec.get("transport", Transport.TCP)
+    options = spec.get("options")
+    custom = spec.get("custom_class")
+    return lambda: ClientProxyFactory.create(transport, options, custom)

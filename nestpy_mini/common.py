@@ -1,0 +1,102 @@
+"""Module, Controller, Injectable and the markers used in ``Annotated``.
+
+These only record metadata on the class; ``injector.py`` reads it.  Plain
+attributes keep the classes ordinary: no metaclass, nothing wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T", bound=type)
+
+MODULE_ATTR = "__nestpy_module__"
+ROLE_ATTR = "__nestpy_role__"
+
+
+@dataclass(frozen=True)
+class Inject:
+    """``Annotated[ClientProxy, Inject("MATH_SERVICE")]``: inject by token, not by type."""
+
+    token: Any
+
+
+@dataclass(frozen=True)
+class Payload:
+    """``Annotated[T, Payload()]`` binds the message data; ``Payload("key")`` one field of it."""
+
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """``Annotated[TcpContext, Ctx()]`` binds the transport's context."""
+
+
+@dataclass
+class ModuleMeta:
+    imports: list[Any] = field(default_factory=list)
+    controllers: list[type] = field(default_factory=list)
+    providers: list[Any] = field(default_factory=list)
+    exports: list[Any] = field(default_factory=list)
+    is_global: bool = False
+
+
+@dataclass
+class DynamicModule:
+    """A module configured at import time, like ``ClientsModule.register([...])``."""
+
+    module: type
+    imports: Sequence[Any] = ()
+    controllers: Sequence[type] = ()
+    providers: Sequence[Any] = ()
+    exports: Sequence[Any] = ()
+    is_global: bool = False
+
+
+def Module(
+    *,
+    imports: Sequence[Any] = (),
+    controllers: Sequence[type] = (),
+    providers: Sequence[Any] = (),
+    exports: Sequence[Any] = (),
+    is_global: bool = False,
+) -> Callable[[T], T]:
+    """Declare what a module builds (providers, controllers) and shares (exports)."""
+
+    def decorate(cls: T) -> T:
+        meta = ModuleMeta(
+            list(imports), list(controllers), list(providers), list(exports), is_global
+        )
+        setattr(cls, MODULE_ATTR, meta)
+        return cls
+
+    return decorate
+
+
+def _role(role: str) -> Callable[[T], T]:
+    def decorate(cls: T) -> T:
+        setattr(cls, ROLE_ATTR, role)
+        return cls
+
+    return decorate
+
+
+@overload
+def Controller(cls: T, /) -> T: ...
+@overload
+def Controller(cls: None = None, /) -> Callable[[T], T]: ...
+def Controller(cls: T | None = None, /) -> T | Callable[[T], T]:
+    """Mark a class whose pattern handlers the microservice serves."""
+    return _role("controller")(cls) if cls is not None else _role("controller")
+
+
+@overload
+def Injectable(cls: T, /) -> T: ...
+@overload
+def Injectable(cls: None = None, /) -> Callable[[T], T]: ...
+def Injectable(cls: T | None = None, /) -> T | Callable[[T], T]:
+    """Mark a class the injector may construct and share."""
+    return _role("injectable")(cls) if cls is not None else _role("injectable")

@@ -1,0 +1,112 @@
+"""NestFactory and the application objects it returns.
+
+``listen()`` serves until the app is closed, as in Nest.  ``start()`` and
+``close()`` are the non-blocking pair for code that already runs inside an
+event loop, such as a notebook cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from .injector import Container
+from .patterns import PATTERN_ATTR
+from .server import Server
+from .transports import Transport, load
+
+
+async def _call_hooks(instances: list[Any], name: str) -> None:
+    for instance in instances:
+        hook = getattr(instance, name, None)
+        if hook is not None:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+
+
+def register_handlers(server: Server, controllers: list[Any]) -> None:
+    """Give ``server`` every ``@MessagePattern``/``@EventPattern`` method of the controllers."""
+    for controller in controllers:
+        cls = type(controller)
+        for attr in dir(cls):
+            func = getattr(cls, attr, None)
+            for pattern, is_event, _extras in getattr(func, PATTERN_ATTR, ()):
+                server.add_handler(
+                    pattern, getattr(controller, attr), is_event, f"{cls.__name__}.{attr}"
+                )
+
+
+class NestMicroservice:
+    """A microservice: one module graph served over one transport."""
+
+    def __init__(
+        self, container: Container, server: Server, *, owns_container: bool = True
+    ) -> None:
+        self.container = container
+        self.server = server
+        self._owns_container = owns_container
+        self._started = False
+        self._closed: asyncio.Event | None = None
+
+    def get(self, token: Any) -> Any:
+        """The instance the container built for ``token``."""
+        return self.container.get(token)
+
+    async def start(self) -> NestMicroservice:
+        """Begin serving and return at once."""
+        if self._started:
+            return self
+        await self.server.listen()
+        self._started = True
+        self._closed = asyncio.Event()
+        if self._owns_container:
+            await _call_hooks(list(self.container.instances()), "on_application_bootstrap")
+        return self
+
+    async def listen(self) -> None:
+        """Serve until ``close()`` is called (from a handler, a signal, another task)."""
+        await self.start()
+        assert self._closed is not None
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, let running handlers finish, close connections and clients."""
+        if not self._started:
+            if self._owns_container:
+                await _call_hooks(list(self.container.instances()), "on_application_shutdown")
+            return
+        self._started = False
+        await self.server.close()
+        if self._owns_container:
+            await _call_hooks(list(self.container.instances()), "on_module_destroy")
+            await _call_hooks(list(self.container.instances()), "on_application_shutdown")
+        if self._closed is not None:
+            self._closed.set()
+
+    async def __aenter__(self) -> NestMicroservice:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class NestFactory:
+    """Creates applications from a root module."""
+
+    @staticmethod
+    async def create_microservice(
+        module: Any,
+        *,
+        transport: Transport | int = Transport.TCP,
+        options: dict[str, Any] | None = None,
+        strategy: Server | None = None,
+    ) -> NestMicroservice:
+        """Build the module graph (raising on wiring mistakes) and a server for it."""
+        container = Container(module)
+        await container.init()
+        await _call_hooks(list(container.instances()), "on_module_init")
+        server = strategy if strategy is not None else load(transport).SERVER(options)
+        register_handlers(server, container.controllers)
+        return NestMicroservice(container, server)

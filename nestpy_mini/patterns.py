@@ -1,0 +1,140 @@
+"""Message and event patterns, and Nest's pattern-to-route normalization.
+
+A pattern such as ``{"cmd": "sum"}`` is matched as a *route*: a string built
+the way ``transformPatternToRoute`` in ``@nestjs/microservices`` builds it, so a
+handler registered here is found by a packet that a NestJS client sent.  Keys
+are sorted with JavaScript's ``localeCompare`` (ICU collation), not by code
+point, which matters as soon as keys mix case, digits and underscores.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+Pattern = str | int | float | dict[str, Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+PATTERN_ATTR = "__nestpy_patterns__"
+
+# Nest's limits for client-controlled patterns (utils/transform-pattern.utils).
+MAX_DEPTH = 5
+MAX_KEYS = 20
+
+# Printable ASCII in the order Node's default collator (ICU root, en-US) sorts
+# it, case folded.  Read off `node -e` with `localeCompare`; see tests.
+_ICU_ASCII_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
+_PRIMARY = {c: i for i, c in enumerate(_ICU_ASCII_ORDER)}
+
+
+@lru_cache(maxsize=4096)
+def collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A sort key that orders strings as ``a.localeCompare(b)`` does in Node.
+
+    ICU compares whole strings level by level: base letters first, then
+    accents, then case (lower before upper).  Exact for ASCII, which is what
+    real patterns use; other letters sort by their base form, then code point.
+    """
+    primary: list[int] = []
+    secondary: list[int] = []
+    tertiary: list[int] = []
+    for ch in text:
+        lower = ch.lower() if ch.isascii() else ch
+        if lower in _PRIMARY:
+            primary.append(_PRIMARY[lower])
+            secondary.append(0)
+            tertiary.append(1 if ch != lower else 0)
+            continue
+        decomposed = unicodedata.normalize("NFD", ch)
+        base, marks = decomposed[0], decomposed[1:]
+        base_lower = base.lower()
+        primary.append(_PRIMARY.get(base_lower, 1000 + ord(base_lower)))
+        secondary.append(sum(ord(m) for m in marks))
+        tertiary.append(1 if base != base_lower else 0)
+    return tuple(primary), tuple(secondary), tuple(tertiary)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _js_string(value: Any) -> str:
+    """``String(value)`` for the scalars a pattern may hold."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        return repr(value)
+    return str(value)
+
+
+def normalize_pattern(pattern: Any, depth: int = 0) -> str:
+    """Turn a pattern into the route string Nest uses as the handler key."""
+    if isinstance(pattern, str):
+        return pattern
+    if isinstance(pattern, bool) or pattern is None:
+        return _js_string(pattern)
+    if isinstance(pattern, int | float):
+        return _js_string(pattern)
+    if isinstance(pattern, list | tuple):
+        # JavaScript arrays are objects whose keys are their indexes.
+        pattern = {str(i): v for i, v in enumerate(pattern)}
+    if not isinstance(pattern, dict):
+        return str(pattern)
+    if depth > MAX_DEPTH:
+        return "[MAX_DEPTH_REACHED]"
+    if len(pattern) > MAX_KEYS:
+        return "[TOO_MANY_KEYS]"
+    parts = []
+    for key in sorted(pattern, key=lambda k: collation_key(str(k))):
+        value = pattern[key]
+        if isinstance(value, str):
+            parts.append(f'"{_escape(str(key))}":"{_escape(value)}"')
+        else:
+            parts.append(f'"{_escape(str(key))}":{normalize_pattern(value, depth + 1)}')
+    return "{" + ",".join(parts) + "}"
+
+
+def route_of_incoming(pattern: Any) -> str:
+    """The route of a pattern that arrived on the wire.
+
+    Nest clients send object patterns raw over TCP but as strings in events
+    and on brokers; a string that parses as JSON is normalized again, exactly
+    as ``Server#getRouteFromPattern`` does.
+    """
+    if isinstance(pattern, str):
+        if pattern[:1] != "{":
+            return pattern
+        try:
+            pattern = json.loads(pattern)
+        except ValueError:
+            return pattern
+    return normalize_pattern(pattern)
+
+
+def _mark(pattern: Pattern, is_event: bool, extras: dict[str, Any] | None) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        marks = list(getattr(func, PATTERN_ATTR, ()))
+        marks.append((pattern, is_event, dict(extras or {})))
+        setattr(func, PATTERN_ATTR, marks)
+        return func
+
+    return decorate
+
+
+def MessagePattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
+    """Request-response: the handler's return value (or stream) is the reply."""
+    return _mark(pattern, False, extras)
+
+
+def EventPattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
+    """Fire-and-forget: every handler of the event runs, nothing is replied."""
+    return _mark(pattern, True, extras)
