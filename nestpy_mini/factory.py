@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import signal
 from typing import Any
 
 from .injector import Container
@@ -63,6 +64,13 @@ class NestMicroservice:
         self._closed = asyncio.Event()
         if self._owns_container:
             await _call_hooks(list(self.container.instances()), "on_application_bootstrap")
+        return self
+
+    def enable_shutdown_hooks(self) -> NestMicroservice:
+        """Close gracefully on SIGINT/SIGTERM, as Nest's ``enableShutdownHooks``."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.close()))
         return self
 
     async def listen(self) -> None:
