@@ -136,6 +136,14 @@ def error_payload(exc: BaseException, logger: logging.Logger, where: str) -> Any
     return {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
 
 
+def _final(value: Any, msg_id: Any) -> dict[str, Any]:
+    """The last reply packet.  ``None`` leaves ``response`` out, as Nest does for
+    ``undefined``: a Nest client would otherwise emit an extra ``null``."""
+    if value is None:
+        return {"isDisposed": True, "id": msg_id}
+    return {"response": value, "isDisposed": True, "id": msg_id}
+
+
 class Server:
     """Base of every transport's server: the handler table and dispatch."""
 
@@ -212,7 +220,7 @@ class Server:
         if inspect.isawaitable(result) or hasattr(result, "__anext__"):
             self._spawn(self._finish_request(handler, result, msg_id, reply))
             return
-        self._send(reply, {"response": result, "isDisposed": True, "id": msg_id}, msg_id)
+        self._send(reply, _final(result, msg_id), msg_id)
 
     async def _run_request(
         self, handler: Handler, data: Any, msg_id: Any, ctx: Any, reply: Reply
@@ -240,7 +248,7 @@ class Server:
             err = error_payload(exc, self.logger, handler.name)
             await self._asend(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
             return
-        await self._asend(reply, {"response": value, "isDisposed": True, "id": msg_id}, msg_id)
+        await self._asend(reply, _final(value, msg_id), msg_id)
 
     def _send(self, reply: Reply, packet: dict[str, Any], msg_id: Any) -> None:
         try:

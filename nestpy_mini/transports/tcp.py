@@ -293,8 +293,7 @@ class TcpServer(Server):
         pattern = packet.get("pattern")
         valid = isinstance(pattern, str | dict | int | float) and not isinstance(pattern, bool)
         ctx = TcpContext((conn, pattern, packet.get("metadata")))
-        msg_id = packet.get("id")
-        if msg_id is None:
+        if "id" not in packet:  # only a missing id makes an event; "id": null is a request
             if not valid:
                 self.logger.warning("dropped an event from %s without a valid pattern", conn.peer)
                 return
@@ -302,7 +301,7 @@ class TcpServer(Server):
             return
         # A request with a pattern of the wrong type still gets an answer.
         route = route_of_incoming(pattern) if valid else ""
-        self.handle_request(route, packet.get("data"), msg_id, ctx, conn.write)
+        self.handle_request(route, packet.get("data"), packet["id"], ctx, conn.write)
 
     async def close(self) -> None:
         if self._server is None:

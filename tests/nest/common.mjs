@@ -1,0 +1,132 @@
+// Shared helpers for server.mjs and client.mjs: CLI parsing, transport
+// option switch (Nest's own option names) and a logger that writes to stderr.
+import { Transport } from '@nestjs/microservices';
+
+export function parseArgs(argv) {
+  const args = { transport: 'tcp' };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (!arg.startsWith('--')) {
+      throw new Error(`unexpected argument: ${arg}`);
+    }
+    let key = arg.slice(2);
+    let value;
+    const eq = key.indexOf('=');
+    if (eq !== -1) {
+      value = key.slice(eq + 1);
+      key = key.slice(0, eq);
+    } else if (key === 'verbose') {
+      value = true;
+    } else {
+      value = argv[++i];
+      if (value === undefined) {
+        throw new Error(`missing value for --${key}`);
+      }
+    }
+    args[key] = value;
+  }
+  return args;
+}
+
+const DEFAULT_URLS = {
+  redis: 'redis://127.0.0.1:6379',
+  nats: 'nats://127.0.0.1:4222',
+  mqtt: 'mqtt://127.0.0.1:1883',
+  rmq: 'amqp://127.0.0.1:5672',
+};
+
+/**
+ * Maps CLI args to { transport, options, kind } as accepted by both
+ * NestFactory.createMicroservice and ClientProxyFactory.create.
+ */
+export function buildTransportOptions(args) {
+  const kind = String(args.transport || 'tcp').toLowerCase();
+  switch (kind) {
+    case 'tcp':
+      return {
+        kind,
+        transport: Transport.TCP,
+        options: {
+          host: args.host ?? '127.0.0.1',
+          port: args.port !== undefined ? Number(args.port) : 3000,
+        },
+      };
+    case 'redis': {
+      let host = args.host;
+      let port = args.port !== undefined ? Number(args.port) : undefined;
+      if (args.url) {
+        const u = new URL(args.url);
+        host = host ?? u.hostname;
+        port = port ?? (u.port ? Number(u.port) : 6379);
+      }
+      return {
+        kind,
+        transport: Transport.REDIS,
+        options: { host: host ?? '127.0.0.1', port: port ?? 6379 },
+      };
+    }
+    case 'nats':
+      return {
+        kind,
+        transport: Transport.NATS,
+        options: { servers: [args.url ?? DEFAULT_URLS.nats] },
+      };
+    case 'mqtt':
+      return {
+        kind,
+        transport: Transport.MQTT,
+        options: { url: args.url ?? DEFAULT_URLS.mqtt },
+      };
+    case 'rmq':
+      return {
+        kind,
+        transport: Transport.RMQ,
+        options: {
+          urls: [args.url ?? DEFAULT_URLS.rmq],
+          queue: args.queue ?? 'nestpy_queue',
+        },
+      };
+    default:
+      throw new Error(`unsupported transport: ${kind}`);
+  }
+}
+
+/** LoggerService that writes every line to stderr (stdout stays protocol-only). */
+export class StderrLogger {
+  constructor(levels) {
+    this.levels = new Set(levels ?? ['log', 'error', 'warn', 'debug', 'verbose', 'fatal']);
+  }
+
+  setLogLevels(levels) {
+    this.levels = new Set(levels);
+  }
+
+  write(level, message, rest) {
+    if (!this.levels.has(level)) {
+      return;
+    }
+    const parts = [message, ...rest].map(part =>
+      part instanceof Error
+        ? part.stack || part.message
+        : typeof part === 'string'
+          ? part
+          : safeJson(part),
+    );
+    process.stderr.write(`[Nest] ${level.toUpperCase()} ${parts.join(' ')}\n`);
+  }
+
+  log(message, ...rest) { this.write('log', message, rest); }
+  error(message, ...rest) { this.write('error', message, rest); }
+  warn(message, ...rest) { this.write('warn', message, rest); }
+  debug(message, ...rest) { this.write('debug', message, rest); }
+  verbose(message, ...rest) { this.write('verbose', message, rest); }
+  fatal(message, ...rest) { this.write('fatal', message, rest); }
+}
+
+function safeJson(value) {
+  try {
+    return JSON.stringify(value);
+  } catch {
+    return String(value);
+  }
+}
