@@ -1,0 +1,58 @@
+"""The README's terminal example: start the math service, call it, read ``6``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nestpy_mini", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
+
+
+def test_math_service_script_answers_the_cli() -> None:
+    port = free_port()
+    service = subprocess.Popen(
+        [sys.executable, "notebooks/math_service.py", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stdout is not None
+        assert service.stdout.readline() == f"math service listening on 127.0.0.1:{port}\n"
+        result = cli("send", "--port", str(port), '{"cmd": "sum"}', "[1, 2, 3]")
+        assert (result.returncode, result.stdout) == (0, "6\n")
+        assert cli("emit", "--port", str(port), "user_created", '{"userId": "42"}').returncode == 0
+        assert service.stdout.readline() == "User created 42\n"
+        unknown = cli("send", "--port", str(port), '{"cmd": "nope"}', "1")
+        assert unknown.returncode == 1
+        assert "no matching message handler" in unknown.stderr
+    finally:
+        service.terminate()  # SIGTERM: enable_shutdown_hooks closes it gracefully
+        _, err = service.communicate(timeout=10)
+    assert service.returncode == 0, err
+
+
+def test_cli_reports_an_unreachable_service_in_one_line() -> None:
+    result = cli("send", "--port", str(free_port()), '{"cmd": "sum"}', "[1]")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot connect to tcp://127.0.0.1:")
+    assert result.stderr.count("\n") == 1
