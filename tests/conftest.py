@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from nestpy_mini import ClientProxy, ClientProxyFactory, NestFactory, NestMicroservice, Transport
+from nestpy_mini import (
+    ClientProxy,
+    ClientProxyFactory,
+    NestFactory,
+    NestMicroservice,
+    Transport,
+    brokers,
+)
 
 Serve = Callable[..., Awaitable[NestMicroservice]]
 
@@ -66,3 +73,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped, but NESTPY_NO_SKIP is set: {reason}"
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Callable[[str], str]:
+    """The URL of a usable broker of a kind, found as ``nestpy_mini.brokers`` finds it.
+
+    Where none can serve, the test is skipped with the one-line reason (a
+    failure under NESTPY_NO_SKIP).  An env URL that does not answer is an
+    error, never a skip: it was asked for explicitly.
+    """
+
+    def get(kind: str) -> str:
+        try:
+            return brokers.find(kind).url
+        except brokers.BrokerUnavailable as exc:
+            if os.environ.get(brokers.ENV[kind]):
+                raise
+            pytest.skip(str(exc))
+
+    return get

@@ -23,7 +23,13 @@ class Transport(IntEnum):
     KAFKA = 6
 
 
-_MODULES = {Transport.TCP: "tcp"}
+_MODULES = {
+    Transport.TCP: "tcp",
+    Transport.REDIS: "redis",
+    Transport.NATS: "nats",
+    Transport.MQTT: "mqtt",
+    Transport.RMQ: "rmq",
+}
 
 
 def load(transport: Transport | int) -> ModuleType:
