@@ -33,9 +33,9 @@ def register_handlers(server: Server, controllers: list[Any]) -> None:
         cls = type(controller)
         for attr in dir(cls):
             func = getattr(cls, attr, None)
-            for pattern, is_event, _extras in getattr(func, PATTERN_ATTR, ()):
+            for pattern, is_event, extras in getattr(func, PATTERN_ATTR, ()):
                 server.add_handler(
-                    pattern, getattr(controller, attr), is_event, f"{cls.__name__}.{attr}"
+                    pattern, getattr(controller, attr), is_event, f"{cls.__name__}.{attr}", extras
                 )
 
 

@@ -72,10 +72,14 @@ def _param_source(hint: Any, position: int) -> tuple[str, Any, Any]:
 class Handler:
     """A bound controller method with its parameters resolved once, up front."""
 
-    __slots__ = ("call", "is_async", "is_stream", "name")
+    __slots__ = ("call", "extras", "is_async", "is_stream", "name")
 
-    def __init__(self, method: Callable[..., Any], name: str) -> None:
+    def __init__(
+        self, method: Callable[..., Any], name: str, extras: dict[str, Any] | None = None
+    ) -> None:
         self.name = name
+        # Per-handler transport settings, e.g. {"queue": ...} on NATS, {"qos": 1} on MQTT.
+        self.extras: dict[str, Any] = dict(extras or {})
         func = getattr(method, "__func__", method)
         self.is_stream = inspect.isasyncgenfunction(func)
         self.is_async = inspect.iscoroutinefunction(func)
@@ -159,10 +163,15 @@ class Server:
 
     # --- the handler table -------------------------------------------------
     def add_handler(
-        self, pattern: Any, method: Callable[..., Any], is_event: bool, name: str = ""
+        self,
+        pattern: Any,
+        method: Callable[..., Any],
+        is_event: bool,
+        name: str = "",
+        extras: dict[str, Any] | None = None,
     ) -> None:
         route = normalize_pattern(pattern)
-        handler = Handler(method, name or getattr(method, "__qualname__", repr(method)))
+        handler = Handler(method, name or getattr(method, "__qualname__", repr(method)), extras)
         if is_event:
             self.event_handlers.setdefault(route, []).append(handler)
             return
