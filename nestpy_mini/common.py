@@ -84,13 +84,23 @@ def _role(role: str) -> Callable[[T], T]:
     return decorate
 
 
+PREFIX_ATTR = "__nestpy_prefix__"
+
+
 @overload
 def Controller(cls: T, /) -> T: ...
 @overload
-def Controller(cls: None = None, /) -> Callable[[T], T]: ...
-def Controller(cls: T | None = None, /) -> T | Callable[[T], T]:
-    """Mark a class whose pattern handlers the microservice serves."""
-    return _role("controller")(cls) if cls is not None else _role("controller")
+def Controller(prefix: str = "", /) -> Callable[[T], T]: ...
+def Controller(arg: T | str = "", /) -> T | Callable[[T], T]:
+    """Mark a class whose handlers the app serves; ``Controller("math")`` prefixes routes."""
+    if isinstance(arg, type):
+        return _role("controller")(arg)
+
+    def decorate(cls: T) -> T:
+        setattr(cls, PREFIX_ATTR, arg.strip("/"))
+        return _role("controller")(cls)
+
+    return decorate
 
 
 @overload

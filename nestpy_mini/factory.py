@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .injector import Container
 from .patterns import PATTERN_ATTR
 from .server import Server
 from .transports import Transport, load
 
+if TYPE_CHECKING:
+    from .http import NestApplication
 
-async def _call_hooks(instances: list[Any], name: str) -> None:
+
+async def call_hooks(instances: list[Any], name: str) -> None:
     for instance in instances:
         hook = getattr(instance, name, None)
         if hook is not None:
@@ -63,7 +66,7 @@ class NestMicroservice:
         self._started = True
         self._closed = asyncio.Event()
         if self._owns_container:
-            await _call_hooks(list(self.container.instances()), "on_application_bootstrap")
+            await call_hooks(list(self.container.instances()), "on_application_bootstrap")
         return self
 
     def enable_shutdown_hooks(self) -> NestMicroservice:
@@ -83,13 +86,13 @@ class NestMicroservice:
         """Stop accepting, let running handlers finish, close connections and clients."""
         if not self._started:
             if self._owns_container:
-                await _call_hooks(list(self.container.instances()), "on_application_shutdown")
+                await call_hooks(list(self.container.instances()), "on_application_shutdown")
             return
         self._started = False
         await self.server.close()
         if self._owns_container:
-            await _call_hooks(list(self.container.instances()), "on_module_destroy")
-            await _call_hooks(list(self.container.instances()), "on_application_shutdown")
+            await call_hooks(list(self.container.instances()), "on_module_destroy")
+            await call_hooks(list(self.container.instances()), "on_application_shutdown")
         if self._closed is not None:
             self._closed.set()
 
@@ -104,6 +107,16 @@ class NestFactory:
     """Creates applications from a root module."""
 
     @staticmethod
+    async def create(module: Any) -> NestApplication:
+        """An HTTP application; add transports with ``connect_microservice`` for a hybrid."""
+        from .http import NestApplication  # Starlette loads only for HTTP apps
+
+        container = Container(module)
+        await container.init()
+        await call_hooks(list(container.instances()), "on_module_init")
+        return NestApplication(container)
+
+    @staticmethod
     async def create_microservice(
         module: Any,
         *,
@@ -114,7 +127,7 @@ class NestFactory:
         """Build the module graph (raising on wiring mistakes) and a server for it."""
         container = Container(module)
         await container.init()
-        await _call_hooks(list(container.instances()), "on_module_init")
+        await call_hooks(list(container.instances()), "on_module_init")
         server = strategy if strategy is not None else load(transport).SERVER(options)
         register_handlers(server, container.controllers)
         return NestMicroservice(container, server)
