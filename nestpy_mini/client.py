@@ -179,7 +179,8 @@ class ClientProxy:
         self._connect_lock: asyncio.Lock | None = None
         # Ids only need to be unique per client while a request waits; a
         # random prefix and a counter are cheaper than a random id each time.
-        self._id_prefix = secrets.token_hex(4)
+        # A fixed ``id_prefix`` makes ids repeatable where they are shown.
+        self._id_prefix = str(self.options.get("id_prefix") or secrets.token_hex(4))
         self._ids = itertools.count(1)
 
     # --- what a transport provides --------------------------------------------

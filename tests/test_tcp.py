@@ -283,3 +283,21 @@ async def test_non_ascii_round_trip(client: ClientProxy) -> None:
     client.emit("user_created", data)
     await wait_until(lambda: len(events) == 2)
     assert events[0] == data
+
+
+async def test_id_prefix_makes_ids_repeatable(
+    serve: Serve, tcp_client: Callable[..., ClientProxy]
+) -> None:
+    app = await serve(AppModule)
+    client = tcp_client(app.server.port, id_prefix="demo-")
+    seen: list[str] = []
+    original = client._publish
+
+    async def spy(pattern: object, data: object, msg_id: str) -> None:
+        seen.append(msg_id)
+        await original(pattern, data, msg_id)
+
+    client._publish = spy  # type: ignore[method-assign]
+    assert await client.send({"cmd": "sum"}, [1]) == 1
+    assert await client.send({"cmd": "sum"}, [2]) == 2
+    assert seen == ["demo-1", "demo-2"]
