@@ -103,6 +103,13 @@ def normalize_pattern(pattern: Any, depth: int = 0) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+# Routes of recent incoming patterns.  Normalizing sorts keys by collation on
+# every message, which is most of the dispatch cost; the cache is bounded
+# because patterns come from clients, who could send endless new ones.
+_ROUTE_CACHE: dict[Any, str] = {}
+_ROUTE_CACHE_SIZE = 1024
+
+
 def route_of_incoming(pattern: Any) -> str:
     """The route of a pattern that arrived on the wire.
 
@@ -113,6 +120,23 @@ def route_of_incoming(pattern: Any) -> str:
     if isinstance(pattern, str):
         if pattern[:1] != "{":
             return pattern
+        key: Any = pattern
+    elif isinstance(pattern, dict) and all(type(v) is str for v in pattern.values()):
+        # Only all-string values: 1 == True would make other keys collide.
+        key = tuple(pattern.items())
+    else:
+        return normalize_pattern(pattern)
+    route = _ROUTE_CACHE.get(key)
+    if route is None:
+        route = _route_uncached(pattern)
+        if len(_ROUTE_CACHE) >= _ROUTE_CACHE_SIZE:
+            _ROUTE_CACHE.clear()
+        _ROUTE_CACHE[key] = route
+    return route
+
+
+def _route_uncached(pattern: Any) -> str:
+    if isinstance(pattern, str):
         try:
             pattern = json.loads(pattern)
         except ValueError:

@@ -293,9 +293,9 @@ async def test_id_prefix_makes_ids_repeatable(
     seen: list[str] = []
     original = client._publish
 
-    async def spy(pattern: object, data: object, msg_id: str) -> None:
+    def spy(pattern: object, data: object, msg_id: str) -> object:
         seen.append(msg_id)
-        await original(pattern, data, msg_id)
+        return original(pattern, data, msg_id)
 
     client._publish = spy  # type: ignore[method-assign]
     assert await client.send({"cmd": "sum"}, [1]) == 1

@@ -30,6 +30,9 @@ _MAX_PREFIX_DIGITS = 12
 
 logger = logging.getLogger("nestpy_mini.tcp")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+# The decoder's own method, on text: json.loads on bytes would first guess
+# the encoding, per message.
+_loads = json.JSONDecoder().decode
 
 
 class FrameError(ValueError):
@@ -86,8 +89,11 @@ class FrameDecoder:
             length = self._length
             end = pos + length
             # Fast path: ASCII bytes are one UTF-16 unit each.
-            if end <= len(buf) and buf[pos:end].isascii():
-                body: bytes | str = bytes(buf[pos:end])
+            chunk = buf[pos:end]
+            if chunk.isascii():
+                if end > len(buf):
+                    break  # an ASCII frame still arriving: wait, without decoding
+                body = chunk.decode("ascii")
             else:
                 found = self._non_ascii_body(buf, pos, length)
                 if found is None:
@@ -96,7 +102,7 @@ class FrameDecoder:
             self._length = None
             pos = end
             try:
-                out.append(json.loads(body))
+                out.append(_loads(body))
             except (ValueError, RecursionError) as exc:
                 raise FrameError(f"invalid JSON in a frame: {exc}") from None
         del buf[:pos]
@@ -162,6 +168,10 @@ class TcpConnection(asyncio.Protocol):
         self.peer: tuple[str, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
+        # Frames written while one read is dispatched, sent in one write:
+        # under load a read holds many requests, and a syscall per reply
+        # would cost more than the replies themselves.
+        self._corked: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -174,8 +184,17 @@ class TcpConnection(asyncio.Protocol):
         except FrameError as exc:
             self.abort(f"broken frame from {self.peer}: {exc}")
             return
-        for packet in packets:
-            self._on_packet(self, packet)
+        if packets:
+            if self._corked is not None:  # a flush is already scheduled: join it
+                for packet in packets:
+                    self._on_packet(self, packet)
+            else:
+                self._corked = []
+                try:
+                    for packet in packets:
+                        self._on_packet(self, packet)
+                finally:
+                    self._flush()
         if self.decoder.has_partial:
             self._arm_timer()
         elif self._timer is not None:
@@ -193,11 +212,28 @@ class TcpConnection(asyncio.Protocol):
             f"{self.peer} stalled inside a frame for {self.incomplete_timeout:g} s",
         )
 
-    def write(self, packet: Any) -> None:
+    def write(self, packet: Any, batch: bool = False) -> None:
+        """Send one packet.  ``batch`` defers it to the end of this loop pass,
+        where it leaves in one write with every other batched frame."""
+        frame = encode_frame(packet)  # raises for unserializable data: the caller's error
+        if self._corked is not None:
+            self._corked.append(frame)
+        elif batch:
+            self._corked = [frame]
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._send(frame)
+
+    def _flush(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked:
+            self._send(b"".join(corked))
+
+    def _send(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(encode_frame(packet))
+        transport.write(data)
         if transport.get_write_buffer_size() > self.max_send_buffer_size:
             # A peer that never reads must not make us hold its replies forever.
             self.abort(f"{self.peer} is not reading; its send buffer passed the limit")
@@ -364,11 +400,13 @@ class TcpClient(ClientProxy):
             conn.transport.close()
             await asyncio.sleep(0)
 
-    async def _publish(self, pattern: Any, data: Any, msg_id: str) -> None:
+    def _publish(self, pattern: Any, data: Any, msg_id: str) -> None:
         conn = self._conn
         if conn is None:
             raise ConnectionError(f"not connected to {self.describe()}")
-        conn.write({"pattern": pattern, "data": data, "id": msg_id})
+        # With other requests in flight, join this frame to theirs in one
+        # write; a lone request goes out at once, so latency does not pay.
+        conn.write({"pattern": pattern, "data": data, "id": msg_id}, batch=len(self._routing) > 1)
 
     async def _dispatch_event(self, pattern: Any, data: Any) -> None:
         conn = self._conn
