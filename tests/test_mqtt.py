@@ -1,0 +1,487 @@
+"""A nestpy_mini client and server over a real MQTT broker: every semantic the issue lists.
+
+The broker is the machine's Mosquitto when one answers on 1883, else amqtt
+(embedded, MQTT 3.1.1 only).  Topics carry a per-run prefix so two runs on
+one broker cannot answer each other's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+import pytest
+from conftest import wait_until
+
+from nestpy_mini import (
+    ClientProxyFactory,
+    ConnectionClosedError,
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    NestMicroservice,
+    RequestTimeoutError,
+    RpcError,
+    RpcException,
+    Transport,
+    brokers,
+)
+from nestpy_mini.transports.mqtt import (
+    MqttClient,
+    MqttContext,
+    MqttRecordBuilder,
+    match_topic,
+    strip_shared_prefix,
+)
+
+RUN = secrets.token_hex(3)
+T = f"nestpy/{RUN}/"  # every topic of this file starts here
+OBJ = {"cmd": "obj", "run": RUN}  # an object pattern: its topic is its JSON route
+OBJ_TOPIC = f'{{"cmd":"obj","run":"{RUN}"}}'
+SHARED = f"$share/g{RUN}/{T}shared"
+
+events: list[Any] = []
+calls: list[Any] = []
+
+
+@Controller()
+class AppController:
+    @MessagePattern(T + "sum")
+    def sum(self, data: list[int]) -> int:
+        calls.append(("sum", id(self)))
+        return sum(data)
+
+    @MessagePattern(OBJ)
+    async def obj(self, data: Any, ctx: MqttContext) -> list[Any]:
+        await asyncio.sleep(0.001)
+        return [data, ctx.get_topic()]
+
+    @MessagePattern(T + "count")
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(1, n + 1):
+            await asyncio.sleep(0.001)
+            yield i
+
+    @MessagePattern(T + "stream_err")
+    async def stream_err(self, data: Any) -> AsyncIterator[int]:
+        yield 1
+        raise RpcException("mid-stream")
+
+    @MessagePattern(T + "hang")
+    async def hang(self, data: Any) -> None:
+        await asyncio.sleep(30)
+
+    @MessagePattern(T + "rpc_str")
+    def rpc_str(self, data: Any) -> None:
+        raise RpcException("bad thing")
+
+    @MessagePattern(T + "rpc_obj")
+    def rpc_obj(self, data: Any) -> None:
+        raise RpcException({"code": 42, "message": "custom"})
+
+    @MessagePattern(T + "boom")
+    def boom(self, data: Any) -> None:
+        raise KeyError("secret detail")
+
+    @MessagePattern(T + "ctx")
+    def ctx(self, data: Any, ctx: MqttContext) -> dict[str, Any]:
+        packet = ctx.get_packet()
+        return {
+            "topic": ctx.get_topic(),
+            "same": ctx.get_args() == (ctx.get_topic(), packet),
+            "qos": packet.qos,
+            "retain": packet.retain,
+            "payload": json.loads(packet.payload),
+        }
+
+    @MessagePattern(T + "qos1", {"qos": 1})
+    def qos1(self, data: Any, ctx: MqttContext) -> int:
+        return ctx.get_packet().qos
+
+    @MessagePattern(T + "qos_default")
+    def qos_default(self, data: Any, ctx: MqttContext) -> int:
+        return ctx.get_packet().qos
+
+    @MessagePattern(T + "sensors/+/temp")
+    def temp(self, data: Any, ctx: MqttContext) -> list[Any]:
+        return [ctx.get_topic(), data]
+
+    @MessagePattern(SHARED)
+    def shared(self, data: Any, ctx: MqttContext) -> list[Any]:
+        calls.append(("shared", id(self)))
+        props = ctx.get_packet().properties
+        return [ctx.get_topic(), sorted(getattr(props, "UserProperty", []) or [])]
+
+    @EventPattern(T + "user_created")
+    def on_user_created(self, data: Any) -> None:
+        events.append(data)
+
+    @EventPattern(T + "user_created")
+    async def also_on_user_created(self, data: Any) -> None:
+        events.append({"second": data})
+
+    @EventPattern(T + "fanout")
+    def fanout(self, data: Any) -> None:
+        events.append((id(self), data))
+
+    @EventPattern(T + "logs/#")
+    def logs(self, data: Any, ctx: MqttContext) -> None:
+        events.append([ctx.get_topic(), data])
+
+    @EventPattern(T + "explodes")
+    def explodes(self, data: Any) -> None:
+        raise RuntimeError("event handler failure")
+
+
+@Module(controllers=[AppController])
+class AppModule:
+    pass
+
+
+StartServer = Callable[..., Awaitable[NestMicroservice]]
+MakeClient = Callable[..., MqttClient]
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    events.clear()
+    calls.clear()
+
+
+@pytest.fixture
+def url(broker_url: Callable[[str], str]) -> str:
+    return broker_url("mqtt")
+
+
+@pytest.fixture
+async def start_server(url: str) -> AsyncIterator[StartServer]:
+    """Start AppModule as an MQTT microservice; closed at teardown."""
+    apps: list[NestMicroservice] = []
+
+    async def start(**options: Any) -> NestMicroservice:
+        app = await NestFactory.create_microservice(
+            AppModule, transport=Transport.MQTT, options={"url": url, "close_grace": 0.2, **options}
+        )
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.close()
+
+
+@pytest.fixture
+async def make_client(url: str) -> AsyncIterator[MakeClient]:
+    clients: list[MqttClient] = []
+
+    def make(**options: Any) -> MqttClient:
+        client = ClientProxyFactory.create(Transport.MQTT, {"url": url, "timeout": 2, **options})
+        assert isinstance(client, MqttClient)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def client(start_server: StartServer, make_client: MakeClient) -> MqttClient:
+    await start_server()
+    return make_client()
+
+
+@pytest.fixture
+async def raw(url: str) -> AsyncIterator[aiomqtt.Client]:
+    """A plain aiomqtt client, to put arbitrary bytes on the broker."""
+    parts = url.split("://", 1)[1].split(":")
+    async with aiomqtt.Client(parts[0], int(parts[1]), identifier=f"raw_{RUN}") as mqtt:
+        yield mqtt
+
+
+def on_amqtt() -> bool:
+    return brokers.find("mqtt").source.startswith("embedded")
+
+
+async def test_send_await_iterate_subscribe(client: MqttClient) -> None:
+    assert await client.send(T + "sum", [1, 2, 3]) == 6
+    reordered = {"run": RUN, "cmd": "obj"}  # the topic is the normalized route
+    assert await client.send(reordered, {"x": 1}) == [{"x": 1}, OBJ_TOPIC]
+    assert await client.send(T + "count", 3) == 3  # await gives the last value
+    assert [v async for v in client.send(T + "count", 3)] == [1, 2, 3]
+    seen: list[Any] = []
+    sub = client.send(T + "count", 4).subscribe(
+        seen.append, seen.append, lambda: seen.append("done")
+    )
+    await sub
+    assert seen == [1, 2, 3, 4, "done"] and sub.closed
+
+
+async def test_send_is_cold_until_awaited(client: MqttClient) -> None:
+    request = client.send(T + "sum", [1])
+    await asyncio.sleep(0.05)
+    assert calls == [] and not client.is_connected and client.url is not None
+    assert await request == 1
+    assert await request == 1  # each await is a new request
+    assert [c[0] for c in calls] == ["sum", "sum"]
+
+
+async def test_stream_error_after_values(client: MqttClient) -> None:
+    seen: list[Any] = []
+    with pytest.raises(RpcError) as info:
+        async for value in client.send(T + "stream_err", 0):
+            seen.append(value)
+    assert seen == [1]
+    assert info.value.error == {"status": "error", "message": "mid-stream"}
+
+
+async def test_every_error_kind(client: MqttClient, caplog: pytest.LogCaptureFixture) -> None:
+    cases = {
+        "rpc_str": {"status": "error", "message": "bad thing"},
+        "rpc_obj": {"code": 42, "message": "custom"},
+        "boom": {"status": "error", "message": "Internal server error"},
+    }
+    with caplog.at_level(logging.ERROR):
+        for cmd, err in cases.items():
+            with pytest.raises(RpcError) as info:
+                await client.send(T + cmd, 1)
+            assert info.value.error == err
+    assert "secret detail" in caplog.text  # logged on the server, never sent
+    assert await client.send(T + "sum", [2, 2]) == 4
+
+
+async def test_emit_is_hot_and_every_event_handler_runs(client: MqttClient) -> None:
+    await client.connect()
+    client.emit(T + "user_created", {"userId": "u1"})  # not awaited: it leaves anyway
+    await wait_until(lambda: len(events) == 2)
+    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
+    assert await client.emit(T + "explodes", 1) is None  # logged, not fatal
+    await client.emit(T + "nobody_listens", 1)
+    assert await client.send(T + "sum", [1]) == 1
+
+
+async def test_timeout_per_call_and_server_keeps_serving(client: MqttClient) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
+        await client.send(T + "hang", 1, timeout=0.2)
+    # No server subscribes an unknown pattern: Nest's clients time out too.
+    with pytest.raises(RequestTimeoutError):
+        await client.send(T + "no_such_pattern", 1, timeout=0.2)
+    assert loop.time() - started < 1.5
+    assert await client.send(T + "sum", [1, 1]) == 2
+
+
+async def test_context_getters(client: MqttClient) -> None:
+    answer = await client.send(T + "ctx", {"名": "値"})
+    assert answer["topic"] == T + "ctx" and answer["same"] is True
+    assert answer["qos"] == 0 and answer["retain"] is False
+    assert answer["payload"]["pattern"] == T + "ctx" and answer["payload"]["data"] == {"名": "値"}
+
+
+async def test_qos_from_handler_extras_and_subscribe_options(
+    start_server: StartServer, make_client: MakeClient
+) -> None:
+    app = await start_server()
+    client = make_client()
+    # Delivered QoS = min(published, subscribed): extras {"qos": 1} subscribe at 1.
+    assert await client.send(T + "qos1", MqttRecordBuilder(0).set_qos(1).build()) == 1
+    assert await client.send(T + "qos_default", MqttRecordBuilder(0).set_qos(1).build()) == 0
+    if not on_amqtt():  # amqtt 0.12 delivers at the subscription's QoS instead
+        assert await client.send(T + "qos1", 0) == 0  # published at 0
+    await app.close()
+    await start_server(subscribe_options={"qos": 1})
+    assert await client.send(T + "qos_default", MqttRecordBuilder(0).set_qos(1).build()) == 1
+    await client.emit(T + "user_created", MqttRecordBuilder({"q": 1}).set_qos(1).build())
+    await wait_until(lambda: len(events) == 2)
+    assert events[0] == {"q": 1}  # the record's options never reach the wire
+
+
+async def test_every_instance_receives_events(
+    start_server: StartServer, make_client: MakeClient
+) -> None:
+    await start_server()
+    await start_server()
+    await make_client().emit(T + "fanout", "hello")
+    await wait_until(lambda: len(events) == 2)
+    assert len({instance for instance, _ in events}) == 2
+    assert {data for _, data in events} == {"hello"}
+
+
+async def test_wildcard_handlers(client: MqttClient) -> None:
+    # Answered on <concrete topic>/reply, where the client listens.
+    assert await client.send(T + "sensors/kitchen/temp", 21) == [T + "sensors/kitchen/temp", 21]
+    assert await client.send(T + "sensors/hall/temp", 19) == [T + "sensors/hall/temp", 19]
+    await client.emit(T + "logs/app/web", "started")
+    await wait_until(lambda: len(events) == 1)
+    assert events == [[T + "logs/app/web", "started"]]
+
+
+def test_topic_matching_as_nest() -> None:
+    assert match_topic("a/+/c", "a/b/c") and not match_topic("a/+/c", "a/b/d")
+    assert match_topic("a/#", "a/b/c") and match_topic("a/#", "a")
+    assert not match_topic("a/+", "a/b/c") and not match_topic("a/b", "a")
+    assert strip_shared_prefix("$share/grp/a/+") == "a/+"
+    assert strip_shared_prefix("a/b") == "a/b"
+
+
+async def test_mqtt5_shared_subscription_and_user_properties(
+    start_server: StartServer, make_client: MakeClient
+) -> None:
+    if on_amqtt():
+        pytest.skip("amqtt speaks MQTT 3.1.1 only: no shared subscriptions, no user properties")
+    await start_server(protocol_version=5)
+    await start_server(protocol_version=5)
+    client = make_client(protocol_version=5, user_properties={"x-version": "1.0.0"})
+    record = MqttRecordBuilder(1).set_properties({"user_properties": {"x-trace": "abc"}}).build()
+    answers = await asyncio.gather(*(client.send(T + "shared", record) for _ in range(10)))
+    props = [["x-trace", "abc"], ["x-version", "1.0.0"]]
+    assert answers == [[T + "shared", props]] * 10
+    assert len(calls) == 10  # the group shares the requests: each is handled once
+    assert len({instance for _, instance in calls}) == 2
+
+
+async def test_bad_input_is_dropped_with_a_log_line(
+    client: MqttClient, raw: aiomqtt.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await client.send(T + "sum", [1]) == 1  # subscribed to sum/reply now
+    with caplog.at_level(logging.WARNING, logger="nestpy_mini"):
+        await raw.publish(T + "sum", b"not json")
+        await raw.publish(T + "sum", b"\xff\xfe{")
+        await raw.publish(T + "sum", b"[1, 2]")
+        await raw.publish(T + "sum/reply", b"garbage")
+        await raw.publish(T + "sum/reply", b"7")
+        await raw.publish(T + "sum/reply", b'{"id":"nobody","response":1,"isDisposed":true}')
+        # A foreign message (neither pattern nor data) is an event with the whole
+        # payload as data, as Nest's IncomingRequestDeserializer maps it.
+        await raw.publish(T + "user_created", b'{"temp": 21}')
+        await wait_until(lambda: len(events) == 2)
+        assert await client.send(T + "sum", [2, 3]) == 5
+    assert events == [{"temp": 21}, {"second": {"temp": 21}}]
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 5, dropped
+
+
+async def test_close_fails_pending_requests_at_once(client: MqttClient) -> None:
+    pending = asyncio.ensure_future(client.send(T + "hang", 1, timeout=10))
+    await wait_until(lambda: bool(client._routing))
+    await client.close()
+    with pytest.raises(ConnectionClosedError, match="was closed"):
+        await asyncio.wait_for(pending, 1)
+    assert await client.send(T + "sum", [3]) == 3  # and it reconnects on demand
+
+
+async def test_unreachable_broker_is_a_clear_error() -> None:
+    port = brokers.free_port()
+    client = MqttClient({"url": f"mqtt://user:hunter2@127.0.0.1:{port}", "timeout": 1})
+    with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port}") as info:
+        await client.send(T + "sum", [1])
+    assert "hunter2" not in str(info.value)  # credentials never reach a message
+    await client.close()
+
+
+async def test_broker_is_found_at_connect_time(start_server: StartServer, url: str) -> None:
+    await start_server()
+    client = MqttClient({"timeout": 2})
+    assert client.url is None  # nothing resolved at construction
+    try:
+        assert await client.send(T + "sum", [4]) == 4
+        assert client.url == brokers.find("mqtt").url == url
+    finally:
+        await client.close()
+
+
+async def test_many_concurrent_requests_and_non_ascii(client: MqttClient) -> None:
+    results = await asyncio.gather(*(client.send(OBJ, i) for i in range(300)))
+    assert [r[0] for r in results] == list(range(300))
+    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
+    assert (await client.send(OBJ, data))[0] == data
+
+
+async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
+    port = brokers.free_port()
+    broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+    options = {"url": broker.url, "reconnect_period": 0.1}
+    app = await NestFactory.create_microservice(
+        AppModule, transport=Transport.MQTT, options={**options, "close_grace": 0.2}
+    )
+    await app.start()
+    client = MqttClient({**options, "timeout": 1})
+    loop = asyncio.get_running_loop()
+    try:
+        assert await client.send(T + "sum", [1, 2]) == 3
+        waiting = asyncio.ensure_future(client.send(T + "hang", 1, timeout=10))
+        await wait_until(lambda: bool(client._routing))
+        with caplog.at_level(logging.WARNING, logger="nestpy_mini"):
+            await asyncio.to_thread(broker.stop)
+            # A request waiting when the link drops fails at once, not at its timeout.
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(waiting, 1)
+            await wait_until(lambda: not client.is_connected)
+            await asyncio.sleep(0.4)  # several reconnect attempts fail meanwhile
+            started = loop.time()
+            with pytest.raises(ConnectionError, match="reconnecting"):
+                await client.send(T + "sum", [1, 2])
+            assert loop.time() - started < 1.0  # within its timeout
+            broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+            deadline = loop.time() + 5
+            while True:
+                try:
+                    assert await client.send(T + "sum", [2, 2], timeout=0.5) == 4
+                    break
+                except (ConnectionError, RequestTimeoutError):
+                    assert loop.time() < deadline, "the server did not serve again"
+                    await asyncio.sleep(0.05)
+        lost = [r for r in caplog.records if "lost the connection" in r.getMessage()]
+        assert len(lost) == 2  # one line per outage: the server's and the client's
+        assert await client.send({"run": RUN, "cmd": "obj"}, 5) == [5, OBJ_TOPIC]
+    finally:
+        await client.close()
+        await app.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_reconnect_can_be_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    port = brokers.free_port()
+    broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+    client = MqttClient({"url": broker.url, "timeout": 1, "max_reconnect_attempts": 2})
+    try:
+        await client.connect()
+        with caplog.at_level(logging.WARNING, logger="nestpy_mini"):
+            await asyncio.to_thread(broker.stop)
+            await wait_until(lambda: "gave up" in caplog.text)
+        assert "after 2 attempts" in caplog.text
+        # A link that gave up is replaced by a fresh connect on the next send.
+        with pytest.raises(ConnectionError, match="cannot connect"):
+            await client.send(T + "sum", [1])
+        broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+        await client.connect()
+        assert client.is_connected
+    finally:
+        await client.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_event_body_carries_the_raw_pattern_as_nest_does(
+    client: MqttClient, raw: aiomqtt.Client
+) -> None:
+    # Captured from Nest 12.1.1: the topic is the normalized route, while the
+    # body keeps the pattern as the caller wrote it (key order included).
+    pattern = {"t": T, "b": 1, "a": 2}
+    topic = '{"a":2,"b":1,"t":"' + T + '"}'
+    await raw.subscribe(topic)
+    await client.emit(pattern, {"x": 1})
+    async with asyncio.timeout(3):
+        async for message in raw.messages:
+            assert message.topic.value == topic
+            assert json.loads(message.payload) == {"pattern": pattern, "data": {"x": 1}}
+            assert message.payload.startswith(b'{"pattern":{"t":')
+            break

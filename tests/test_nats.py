@@ -1,0 +1,521 @@
+"""The NATS transport against a real broker: every semantic TCP has, plus queue groups,
+headers, no-responders and a broker restart under a running server and client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import nats
+import pytest
+from conftest import wait_until
+
+from nestpy_mini import (
+    ClientProxy,
+    ClientProxyFactory,
+    ConnectionClosedError,
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    NestMicroservice,
+    RequestTimeoutError,
+    RpcError,
+    RpcException,
+    Transport,
+    brokers,
+)
+from nestpy_mini.transports.nats import EMPTY_RESPONSE, NatsClient, NatsContext, NatsServer
+
+# The broker may be shared with other test runs: every subject carries this run's token.
+RUN = secrets.token_hex(4)
+events: list[Any] = []
+
+
+def p(cmd: str) -> dict[str, str]:
+    return {"cmd": cmd, "run": RUN}
+
+
+@Controller()
+class AppController:
+    @MessagePattern(p("sum"))
+    def sum(self, data: list[int]) -> int:
+        return sum(data or [])
+
+    @MessagePattern(p("async_sum"))
+    async def async_sum(self, data: list[int]) -> int:
+        await asyncio.sleep(0.001)
+        return sum(data)
+
+    @MessagePattern(f"ping.{RUN}")
+    def ping(self) -> str:
+        return "pong"
+
+    @MessagePattern(p("count"))
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(1, n + 1):
+            await asyncio.sleep(0.001)
+            yield i
+
+    @MessagePattern(p("stream_err"))
+    async def stream_err(self, data: object) -> AsyncIterator[int]:
+        yield 1
+        raise RpcException("mid-stream")
+
+    @MessagePattern(p("hang"))
+    async def hang(self, data: object) -> None:
+        await asyncio.sleep(30)
+
+    @MessagePattern(p("rpc_str"))
+    def rpc_str(self, data: object) -> None:
+        raise RpcException("bad thing")
+
+    @MessagePattern(p("rpc_obj"))
+    def rpc_obj(self, data: object) -> None:
+        raise RpcException({"code": 42, "message": "custom"})
+
+    @MessagePattern(p("boom"))
+    def boom(self, data: object) -> None:
+        raise KeyError("secret detail")
+
+    @MessagePattern(p("unserializable"))
+    def unserializable(self, data: object) -> object:
+        return {1, 2}
+
+    @MessagePattern(p("ctx"))
+    def ctx(self, data: object, ctx: NatsContext) -> list[object]:
+        return [ctx.get_subject(), ctx.get_headers()]
+
+    @EventPattern(f"user_created.{RUN}")
+    def on_user_created(self, data: object) -> None:
+        events.append(data)
+
+    @EventPattern(f"user_created.{RUN}")
+    async def also_on_user_created(self, data: object, ctx: NatsContext) -> None:
+        events.append({"second": data, "headers": ctx.get_headers()})
+
+    @EventPattern(f"explodes.{RUN}")
+    def explodes(self, data: object) -> None:
+        raise RuntimeError("event handler failure")
+
+
+@Module(controllers=[AppController])
+class AppModule:
+    pass
+
+
+@Controller()
+class WhoController:
+    """Records what each instance received, to tell queue-group members apart."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.events: list[object] = []
+
+    @MessagePattern(p("who"))
+    def who(self, data: int) -> int:
+        self.requests += 1
+        return data
+
+    @MessagePattern(p("who_extras"), {"queue": f"extras-{RUN}"})
+    def who_extras(self, data: int) -> int:
+        self.requests += 1
+        return data
+
+    @EventPattern(f"broadcast.{RUN}")
+    def broadcast(self, data: object) -> None:
+        self.events.append(data)
+
+
+@Module(controllers=[WhoController])
+class WhoModule:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    events.clear()
+
+
+@pytest.fixture
+def url(broker_url: Callable[[str], str]) -> str:
+    return broker_url("nats")
+
+
+@pytest.fixture
+async def start(url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start a module as a NATS microservice; every app is closed at teardown."""
+    apps: list[NestMicroservice] = []
+
+    async def run(module: Any = AppModule, **options: Any) -> NestMicroservice:
+        app = await NestFactory.create_microservice(
+            module,
+            transport=Transport.NATS,
+            options={"servers": url, "close_grace": 0.2, **options},
+        )
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield run
+    for app in apps:
+        await app.close()
+
+
+@pytest.fixture
+async def make_client(url: str) -> AsyncIterator[Callable[..., ClientProxy]]:
+    clients: list[ClientProxy] = []
+
+    def make(**options: Any) -> ClientProxy:
+        client = ClientProxyFactory.create(
+            Transport.NATS, {"servers": url, "timeout": 2, **options}
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def client(start: Callable[..., Any], make_client: Callable[..., ClientProxy]) -> ClientProxy:
+    await start()
+    return make_client()
+
+
+@pytest.fixture
+async def raw(url: str) -> AsyncIterator[nats.aio.client.Client]:
+    """A bare nats-py connection, to look at the wire and to send bad input."""
+    nc = await nats.connect(url)
+    yield nc
+    await nc.close()
+
+
+async def test_send_sums(client: ClientProxy) -> None:
+    assert await client.send(p("sum"), [1, 2, 3]) == 6
+    assert await client.send(p("async_sum"), [4, 5]) == 9
+    assert await client.send(f"ping.{RUN}", {}) == "pong"
+
+
+async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
+    request = client.send(p("sum"), [1])
+    await asyncio.sleep(0.02)
+    assert not client.is_connected  # nothing left, not even the connection
+    assert await request == 1
+    assert await request == 1  # each await is a new request
+
+
+async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
+    assert await client.send(p("count"), 3) == 3
+    assert [v async for v in client.send(p("count"), 3)] == [1, 2, 3]
+    seen: list[object] = []
+    sub = client.send(p("count"), 4).subscribe(
+        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
+    )
+    await sub
+    assert seen == [1, 2, 3, 4, "done"]
+
+
+async def test_stream_error_after_values(client: ClientProxy) -> None:
+    seen: list[object] = []
+    with pytest.raises(RpcError) as info:
+        async for value in client.send(p("stream_err"), 0):
+            seen.append(value)
+    assert seen == [1]
+    assert info.value.error == {"status": "error", "message": "mid-stream"}
+
+
+async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
+    client: ClientProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = {
+        "rpc_str": {"status": "error", "message": "bad thing"},
+        "rpc_obj": {"code": 42, "message": "custom"},
+        "boom": {"status": "error", "message": "Internal server error"},
+        "unserializable": {"status": "error", "message": "Internal server error"},
+    }
+    with caplog.at_level(logging.ERROR):
+        for cmd, err in cases.items():
+            with pytest.raises(RpcError) as info:
+                await client.send(p(cmd), 1)
+            assert info.value.error == err
+    assert "secret detail" in caplog.text
+
+
+async def test_no_subscriber_fails_at_once_with_nests_text(client: ClientProxy) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RpcError) as info:
+        await client.send({"run": RUN, "cmd": "missing"}, 1, timeout=5)
+    assert loop.time() - started < 1  # the broker's 503, not the timeout
+    subject = f'{{"cmd":"missing","run":"{RUN}"}}'
+    assert info.value.error == EMPTY_RESPONSE.format(subject)
+    assert str(info.value) == (
+        f'Empty response. There are no subscribers listening to that message ("{subject}")'
+    )
+
+
+async def test_errors_do_not_stop_the_server(client: ClientProxy) -> None:
+    for _ in range(3):
+        with pytest.raises(RpcError):
+            await client.send(p("boom"), 1)
+        assert await client.send(p("sum"), [2, 2]) == 4
+
+
+async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
+    client.emit(f"user_created.{RUN}", {"userId": "u1"})  # not awaited: it leaves anyway
+    await wait_until(lambda: len(events) == 2)
+    assert sorted(map(json.dumps, events)) == sorted(
+        map(json.dumps, [{"userId": "u1"}, {"second": {"userId": "u1"}, "headers": None}])
+    )
+    assert await client.emit(f"user_created.{RUN}", {"userId": "u2"}) is None
+    await client.emit(f"explodes.{RUN}", 1)  # a failing handler is logged, not fatal
+    await client.emit(f"nobody_listens.{RUN}", 1)
+    assert await client.send(p("sum"), [1]) == 1
+
+
+async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
+        await client.send(p("hang"), 1, timeout=0.2)
+    assert loop.time() - started < 1.0
+    assert await client.send(p("sum"), [1, 1]) == 2
+
+
+async def test_context_subject_and_headers(
+    start: Callable[..., Any], make_client: Callable[..., ClientProxy]
+) -> None:
+    await start()
+    plain = make_client()
+    subject = f'{{"cmd":"ctx","run":"{RUN}"}}'
+    assert await plain.send(p("ctx"), 1) == [subject, None]
+    tagged = make_client(headers={"x-version": "1.0.0", "x-trace": "abc"})
+    assert await tagged.send(p("ctx"), 1) == [subject, {"x-version": "1.0.0", "x-trace": "abc"}]
+    await tagged.emit(f"user_created.{RUN}", {"userId": "h"})  # events carry them too
+    await wait_until(lambda: len(events) == 2)
+    assert {
+        "second": {"userId": "h"},
+        "headers": {"x-version": "1.0.0", "x-trace": "abc"},
+    } in events
+
+
+async def test_queue_group_shares_requests_and_events(
+    start: Callable[..., Any], make_client: Callable[..., ClientProxy]
+) -> None:
+    apps = [await start(WhoModule, queue=f"opt-{RUN}") for _ in range(2)]
+    who = [app.get(WhoController) for app in apps]
+    client = make_client()
+    for pattern in (p("who"), p("who_extras")):  # the option's group, then the handler's
+        assert await asyncio.gather(*(client.send(pattern, i) for i in range(50))) == list(
+            range(50)
+        )
+        assert sum(w.requests for w in who) == 50  # each answered exactly once
+        assert all(w.requests > 0 for w in who)  # by both members
+        for w in who:
+            w.requests = 0
+    for i in range(10):
+        await client.emit(f"broadcast.{RUN}", i)
+    await wait_until(lambda: sum(len(w.events) for w in who) == 10)
+    await asyncio.sleep(0.05)
+    assert sorted(who[0].events + who[1].events) == list(range(10))
+
+
+async def test_without_a_queue_every_server_gets_every_event(
+    start: Callable[..., Any], make_client: Callable[..., ClientProxy]
+) -> None:
+    apps = [await start(WhoModule) for _ in range(2)]
+    who = [app.get(WhoController) for app in apps]
+    client = make_client()
+    for i in range(5):
+        await client.emit(f"broadcast.{RUN}", i)
+    await wait_until(lambda: all(len(w.events) == 5 for w in who))
+    # The handler's own queue group still shares its requests.
+    assert await asyncio.gather(*(client.send(p("who_extras"), i) for i in range(20))) == list(
+        range(20)
+    )
+    assert sum(w.requests for w in who) == 20
+
+
+async def test_wire_request_event_and_reply_as_nest(
+    client: ClientProxy, raw: nats.aio.client.Client
+) -> None:
+    """What a bystander sees on the broker is what Nest's client and server put there."""
+    requests: list[Any] = []
+    replies: list[Any] = []
+    seen_events: list[Any] = []
+
+    def into(box: list[Any]) -> Callable[[Any], Any]:
+        async def append(msg: Any) -> None:
+            box.append(msg)
+
+        return append
+
+    await client.connect()
+    inbox = client._reply_prefix  # type: ignore[attr-defined]
+    await raw.subscribe(f'{{"cmd":"sum","run":"{RUN}"}}', cb=into(requests))
+    await raw.subscribe(f"user_created.{RUN}", cb=into(seen_events))
+    await raw.subscribe(f"{inbox}*", cb=into(replies))
+    await raw.flush()
+    assert await client.send({"run": RUN, "cmd": "sum"}, [1, 2]) == 3
+    await client.emit(f"user_created.{RUN}", {"u": 1})
+    await wait_until(lambda: len(requests) == len(replies) == len(seen_events) == 1)
+    (request,), (reply,), (event,) = requests, replies, seen_events
+    msg_id = json.loads(request.data)["id"]
+    # The raw pattern in the body, in the caller's key order; pattern, data, id.
+    assert request.data.decode() == (
+        f'{{"pattern":{{"run":"{RUN}","cmd":"sum"}},"data":[1,2],"id":"{msg_id}"}}'
+    )
+    assert request.reply == f"{inbox}{msg_id}" and request.headers is None
+    # The reply: to the request's reply subject, no headers, one packet.
+    assert reply.subject == request.reply and reply.headers is None
+    assert reply.data == f'{{"response":3,"isDisposed":true,"id":"{msg_id}"}}'.encode()
+    assert event.reply == ""
+    assert event.data == f'{{"pattern":"user_created.{RUN}","data":{{"u":1}}}}'.encode()
+
+
+async def test_inbox_prefix_option(
+    start: Callable[..., Any], make_client: Callable[..., ClientProxy], raw: nats.aio.client.Client
+) -> None:
+    await start()
+    client = make_client(inbox_prefix=f"_MINE.{RUN}")
+    replies: list[Any] = []
+
+    async def record(msg: Any) -> None:
+        replies.append(msg.subject)
+
+    await raw.subscribe(f"_MINE.{RUN}.>", cb=record)
+    await raw.flush()
+    assert await client.send(p("sum"), [7]) == 7
+    await wait_until(lambda: len(replies) == 1)
+    assert replies[0].startswith(f"_MINE.{RUN}.")
+
+
+async def test_bad_input_is_dropped_and_nothing_breaks(
+    client: ClientProxy, raw: nats.aio.client.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await client.send(p("sum"), [1]) == 1
+    subject = f'{{"cmd":"sum","run":"{RUN}"}}'
+    inbox = client._reply_prefix  # type: ignore[attr-defined]
+    with caplog.at_level(logging.DEBUG, logger="nestpy_mini"):
+        await raw.publish(subject, b"not json", reply=f"{inbox}x1")
+        await raw.publish(subject, b"\xff\xfe", reply=f"{inbox}x2")
+        await raw.publish(f"user_created.{RUN}", b"[1, 2]")  # foreign: the whole payload
+        await raw.publish(f"explodes.{RUN}", b"{}")
+        await raw.publish(f"{inbox}nope", b"{{{")  # not JSON, on the client's inbox
+        await raw.publish(f"{inbox}nope", b'{"response":1,"isDisposed":true,"id":"nope"}')
+        await raw.publish(f"{inbox}nope", b"")  # an empty reply for nobody
+        await raw.flush()
+        await wait_until(lambda: [1, 2] in events)
+        assert await client.send(p("sum"), [2, 3]) == 5
+    assert 'on \'{"cmd":"sum"' in caplog.text and "that is not JSON" in caplog.text
+    assert "dropped a reply on" in caplog.text
+    assert "unknown id 'nope'" in caplog.text
+
+
+async def test_a_reply_for_another_id_is_ignored_like_nest(
+    client: ClientProxy, raw: nats.aio.client.Client
+) -> None:
+    """A reply whose body id differs from its subject's is dropped; the caller waits on."""
+    fake = f"fake.{RUN}"
+    answered: list[str] = []
+
+    async def wrong_then_right(msg: Any) -> None:
+        msg_id = json.loads(msg.data)["id"]
+        await raw.publish(msg.reply, b'{"response":"wrong","isDisposed":true,"id":"other"}')
+        await raw.publish(msg.reply, b'{"foreign":true}')  # no envelope: the whole response
+        answered.append(msg_id)
+
+    await raw.subscribe(fake, cb=wrong_then_right)
+    await raw.flush()
+    assert await client.send(fake, 1) == {"foreign": True}
+    assert len(answered) == 1
+
+
+async def test_close_fails_pending_requests_at_once(client: ClientProxy) -> None:
+    pending = asyncio.ensure_future(client.send(p("hang"), 1, timeout=10))
+    await wait_until(lambda: client.is_connected and bool(client._routing))
+    await client.close()
+    with pytest.raises(ConnectionClosedError, match="was closed"):
+        await asyncio.wait_for(pending, 1)
+    assert await client.send(p("sum"), [3]) == 3  # and it connects again on demand
+
+
+async def test_unreachable_broker_is_a_clear_error_fast() -> None:
+    port = brokers.free_port()
+    client = NatsClient({"servers": f"nats://app:hunter2@127.0.0.1:{port}", "timeout": 2})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(
+        ConnectionError, match=rf"cannot connect to nats://app:\*\*\*@127.0.0.1:{port}"
+    ):
+        await client.send(p("sum"), [1])
+    assert loop.time() - started < 1.5
+    server = NatsServer({"servers": [f"nats://127.0.0.1:{port}"], "reconnect_time_wait": 0.05})
+    with pytest.raises(ConnectionError, match=r"cannot connect to nats://127\.0\.0\.1"):
+        await server.listen()
+    await server.close()
+
+
+async def test_servers_option_defaults_to_the_broker_found(url: str, start: Any) -> None:
+    await start()
+    client = NatsClient({"timeout": 2})
+    try:
+        assert await client.send(p("sum"), [4]) == 4
+        assert client.describe() == brokers.redact(brokers.find("nats").url)
+    finally:
+        await client.close()
+
+
+async def test_many_concurrent_requests_and_non_ascii(client: ClientProxy) -> None:
+    results = await asyncio.gather(*(client.send(p("async_sum"), [i, i]) for i in range(500)))
+    assert results == [2 * i for i in range(500)]
+    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
+    client.emit(f"user_created.{RUN}", data)
+    await wait_until(lambda: len(events) == 2)
+    assert data in events
+
+
+async def test_broker_restart_under_server_and_client() -> None:
+    """Stop the broker: sends fail clearly and in time.  Start it again on the same
+    port: the server has re-subscribed by itself and sends succeed."""
+    port = brokers.free_port()
+    broker = await asyncio.to_thread(brokers.start_embedded, "nats", port)
+    options = {"servers": broker.url, "reconnect_time_wait": 0.05}
+    app = await NestFactory.create_microservice(
+        AppModule, transport=Transport.NATS, options={**options, "close_grace": 0.1}
+    )
+    client = NatsClient({**options, "timeout": 2})
+    try:
+        await app.start()
+        server = app.server
+        assert isinstance(server, NatsServer)
+        assert await client.send(p("sum"), [1, 2]) == 3
+        in_flight = asyncio.ensure_future(client.send(p("hang"), 1, timeout=10))
+        await wait_until(lambda: bool(client._routing))
+
+        await asyncio.to_thread(broker.stop)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionClosedError, match="lost; reconnecting"):
+            await asyncio.wait_for(in_flight, 2)  # at once, not after 10 s
+        await wait_until(lambda: not client.is_connected and not server.is_connected)
+        with pytest.raises((ConnectionError, RequestTimeoutError)):
+            await client.send(p("sum"), [1], timeout=1)
+        assert loop.time() - started < 1.5
+
+        broker = await asyncio.to_thread(brokers.start_embedded, "nats", port)
+        await wait_until(lambda: client.is_connected and server.is_connected, within=5)
+        assert await client.send(p("sum"), [2, 3]) == 5
+        client.emit(f"user_created.{RUN}", "back")
+        await wait_until(lambda: "back" in events)
+    finally:
+        await client.close()
+        await app.close()
+        await asyncio.to_thread(broker.stop)
