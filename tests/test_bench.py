@@ -1,0 +1,84 @@
+"""``python -m nestpy_mini.bench`` runs end to end and cleans up after itself.
+
+This tests the command, not the speed: it asserts that every pair was
+measured and saved, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nest_harness import nest_missing
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 120  # seconds; the quick run takes a few
+
+pytestmark = pytest.mark.skipif(nest_missing() is not None, reason=str(nest_missing()))
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` still runs one of the benchmark's processes (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and b"bench" in cmdline
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    save = tmp_path_factory.mktemp("bench") / "results.json"
+    argv = ["-m", "nestpy_mini.bench", "--quick", "--transports", "tcp", "--save", str(save)]
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads(save.read_text())
+
+
+def test_all_four_pairs_are_measured(quick_run: tuple[subprocess.CompletedProcess, dict]) -> None:
+    _, results = quick_run
+    pairs = results["summary"]["tcp"]["pairs"]
+    assert sorted(pairs) == ["a", "b", "c", "d"]
+    for pair, stats in pairs.items():
+        for figure in ("throughput_rps", "latency_p50_us", "latency_p99_us", "server_rss_mb"):
+            spread = stats[figure]
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"], (pair, figure)
+    raw = [row for row in results["raw"] if row["transport"] == "tcp"]
+    assert sorted(row["pair"] for row in raw) == ["a", "b", "c", "d"]
+    assert all(row["error"] is None for row in raw)
+
+
+def test_ratios_and_facts_are_saved(quick_run: tuple[subprocess.CompletedProcess, dict]) -> None:
+    proc, results = quick_run
+    ratios = results["summary"]["tcp"]["ratios"]
+    for name in (
+        "throughput_b_over_a",
+        "throughput_c_over_a",
+        "latency_p50_b_over_a",
+        "server_rss_b_over_a",
+    ):
+        assert ratios[name]["value"] > 0, name
+    assert results["import_time"]["with_import_ms"] > 0
+    assert results["machine"]["cores"] >= 1 and results["machine"]["node"].startswith("v")
+    assert results["settings"]["quick"] is True
+    for unit in ("req/s", "µs", "MB", "import nestpy_mini:"):
+        assert unit in proc.stdout, unit
+
+
+def test_no_benchmark_process_is_left(quick_run: tuple[subprocess.CompletedProcess, dict]) -> None:
+    _, results = quick_run
+    # Two servers and two clients of each implementation, all started and stopped.
+    assert len(results["child_pids"]) == 8
+    assert [pid for pid in results["child_pids"] if _alive(pid)] == []
