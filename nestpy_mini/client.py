@@ -54,10 +54,15 @@ class Subscription:
 class Observable(Generic[T]):
     """A cold stream of reply values: ``await`` it, ``async for`` it, or ``subscribe``."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, last: Callable[[], Awaitable[T]] | None = None) -> None:
         self._source = source
+        # A client passes its own way to get just the last value: it skips
+        # a callback per value and a coroutine, on the most common call.
+        self._last_fn = last
 
     def __await__(self) -> Generator[Any, None, T]:
+        if self._last_fn is not None:
+            return self._last_fn().__await__()
         return self._last().__await__()
 
     async def _last(self) -> T:
@@ -117,21 +122,22 @@ class Observable(Generic[T]):
 class _Pending:
     """One request waiting for its reply packets."""
 
-    __slots__ = ("deadline", "describe", "done", "loop", "on_next", "timeout", "timeouts")
+    __slots__ = ("deadline", "done", "last", "loop", "on_next", "pattern", "timeout", "timeouts")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_next: OnNext,
+        on_next: OnNext | None,
         timeout: float,
-        describe: str,
+        pattern: Any,
         timeouts: _Deadlines,
     ) -> None:
         self.loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
-        self.on_next = on_next
+        self.on_next = on_next  # None: keep only the last value
+        self.last: Any = None
         self.timeout = timeout
-        self.describe = describe
+        self.pattern = pattern
         self.timeouts = timeouts
         self.deadline = loop.time() + timeout
         timeouts.add(self)
@@ -139,7 +145,7 @@ class _Pending:
     def expire(self) -> None:
         if not self.done.done():
             self.done.set_exception(
-                RequestTimeoutError(f"no reply to {self.describe} within {self.timeout:g} s")
+                RequestTimeoutError(f"no reply to {self.pattern!r} within {self.timeout:g} s")
             )
 
     def fail(self, exc: BaseException) -> None:
@@ -156,7 +162,10 @@ class _Pending:
             return
         try:
             if "response" in packet:
-                self.on_next(packet["response"])
+                if self.on_next is None:
+                    self.last = packet["response"]
+                else:
+                    self.on_next(packet["response"])
         except Exception as exc:  # the caller's own callback failed
             self.done.set_exception(exc)
             return
@@ -305,9 +314,13 @@ class ClientProxy:
         if pattern is None or data is None:
             raise InvalidMessageError
         limit = self.timeout if timeout is None else float(timeout)
-        return Observable(lambda on_next: self._request(pattern, data, on_next, limit))
+        return Observable(
+            lambda on_next: self._request(pattern, data, on_next, limit),
+            lambda: self._request(pattern, data, None, limit),
+        )
 
-    async def _request(self, pattern: Any, data: Any, on_next: OnNext, limit: float) -> None:
+    async def _request(self, pattern: Any, data: Any, on_next: OnNext | None, limit: float) -> Any:
+        """Send one request and wait for its end; with ``on_next`` None, return the last value."""
         if not self._connected:
             await self.connect()
         msg_id = f"{self._id_prefix}{next(self._ids)}"
@@ -315,7 +328,7 @@ class ClientProxy:
         timeouts = self._timeouts
         if timeouts is None or timeouts.loop is not loop:
             timeouts = self._timeouts = _Deadlines(loop)
-        call = _Pending(loop, on_next, limit, f"{pattern!r}", timeouts)
+        call = _Pending(loop, on_next, limit, pattern, timeouts)
         self._routing[msg_id] = call
         try:
             # A transport may publish synchronously (returning None) to save
@@ -324,6 +337,7 @@ class ClientProxy:
             if sent is not None:
                 await sent
             await call.done
+            return call.last
         finally:
             timeouts.discard(call)
             self._routing.pop(msg_id, None)
