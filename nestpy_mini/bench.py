@@ -307,6 +307,7 @@ class Runner:
     """Runs one pair: a server, a client against it, the server's RSS, then stop both."""
 
     def __init__(self, args: argparse.Namespace, children: Children, urls: dict[str, str]) -> None:
+        self.loop_flag = ["--uvloop"] if args.uvloop else []
         self.args = args
         self.children = children
         self.urls = urls
@@ -328,7 +329,7 @@ class Runner:
             proc = await self.children.spawn(argv, NEST_DIR, f"nest-server-{transport}")
         else:
             argv = [sys.executable, "-m", "nestpy_mini.bench", "serve"]
-            argv += ["--transport", transport, *endpoint]
+            argv += ["--transport", transport, *endpoint, *self.loop_flag]
             proc = await self.children.spawn(argv, REPO, f"py-server-{transport}")
         assert proc.stdout is not None
         try:
@@ -365,7 +366,7 @@ class Runner:
             proc = await self.children.spawn(argv, NEST_DIR, f"nest-client-{transport}")
         else:
             argv = [sys.executable, "-m", "nestpy_mini.bench", "client"]
-            argv += ["--transport", transport, *endpoint, *phases]
+            argv += ["--transport", transport, *endpoint, *phases, *self.loop_flag]
             proc = await self.children.spawn(argv, REPO, f"py-client-{transport}")
         try:
             assert proc.stdin is not None
@@ -736,6 +737,8 @@ def header_lines(results: dict[str, Any]) -> list[str]:
         f"machine:   {m['cpu']}, {m['cores']} cores, {m['platform']}",
         f"runtimes:  Python {m['python']}, Node {m['node']}, "
         f"@nestjs/microservices {m['nestjs_microservices']}; {code}",
+        "loop:      nestpy_mini sides on "
+        + ("uvloop" if m.get("uvloop") else "asyncio (the default)"),
         "workload:  send({cmd:'sum'}, [1,2,3]) -> 6; server and client in separate processes",
         f"           warm-up: {s['warmup']:,} requests {s['concurrency']} in flight, "
         f"then {-(-s['warmup'] // 10):,} sequential",
@@ -820,7 +823,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         "schema": 1,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_before": _loadavg(),
-        "machine": await machine_info(),
+        "machine": {**await machine_info(), "uvloop": args.uvloop},
         "settings": {
             "rounds": args.rounds,
             "requests": args.requests,
@@ -928,6 +931,7 @@ def _csv(allowed: tuple[str, ...]) -> Any:
 
 
 def _side_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--uvloop", action="store_true", help="run on uvloop (the 'fast' extra)")
     cmd.add_argument("--transport", default="tcp", choices=TRANSPORTS)
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=0, help="tcp port (serve: 0 picks a free one)")
@@ -959,6 +963,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", type=_csv(tuple(PAIRS)), default=list(PAIRS), help="e.g. a,b")
     parser.add_argument("--quick", action="store_true", help="2,000 requests, 1 round: for tests")
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run the nestpy_mini sides on uvloop (pip install 'nestpy-mini[fast]')",
+    )
     parser.add_argument("--save", default=str(DEFAULT_SAVE), help="where the JSON results go")
     parser.add_argument("--redis-url", default=None, help="use this Redis, not a private one")
     parser.add_argument("--nats-url", default=None, help="use this NATS, not a private one")
@@ -995,8 +1004,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command in ("serve", "client"):
+        run = asyncio.run
+        if args.uvloop:
+            import uvloop  # optional: the 'fast' extra
+
+            run = uvloop.run
         try:
-            return asyncio.run(_serve(args) if args.command == "serve" else _client(args))
+            return run(_serve(args) if args.command == "serve" else _client(args))
         except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

@@ -140,6 +140,11 @@ def error_payload(exc: BaseException, logger: logging.Logger, where: str) -> Any
     return {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
 
 
+# Results that are surely neither awaitables nor streams: checked by type
+# first, because inspect.isawaitable costs more than a plain handler call.
+_PLAIN = frozenset({int, float, str, bool, list, dict, type(None)})
+
+
 def _final(value: Any, msg_id: Any) -> dict[str, Any]:
     """The last reply packet.  ``None`` leaves ``response`` out, as Nest does for
     ``undefined``: a Nest client would otherwise emit an extra ``null``."""
@@ -226,7 +231,9 @@ class Server:
             err = error_payload(exc, self.logger, handler.name)
             self._send(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
             return
-        if inspect.isawaitable(result) or hasattr(result, "__anext__"):
+        if type(result) not in _PLAIN and (
+            inspect.isawaitable(result) or hasattr(result, "__anext__")
+        ):
             self._spawn(self._finish_request(handler, result, msg_id, reply))
             return
         self._send(reply, _final(result, msg_id), msg_id)

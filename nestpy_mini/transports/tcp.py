@@ -305,6 +305,10 @@ def _limits(options: dict[str, Any]) -> tuple[int, float, int]:
     )
 
 
+# JSON values that can be a pattern (bool is excluded: JSON true is no route).
+_PATTERN_TYPES = frozenset({str, dict, int, float})
+
+
 class TcpServer(Server):
     """Serves handlers over Nest's TCP protocol.
 
@@ -349,11 +353,11 @@ class TcpServer(Server):
         self._connections.discard(conn)
 
     def _on_packet(self, conn: TcpConnection, packet: Any) -> None:
-        if not isinstance(packet, dict):
+        if type(packet) is not dict:
             self.logger.warning("dropped a packet from %s that is not a JSON object", conn.peer)
             return
         pattern = packet.get("pattern")
-        valid = isinstance(pattern, str | dict | int | float) and not isinstance(pattern, bool)
+        valid = type(pattern) in _PATTERN_TYPES
         ctx = TcpContext((conn, pattern, packet.get("metadata")))
         if "id" not in packet:  # only a missing id makes an event; "id": null is a request
             if not valid:
