@@ -17,6 +17,7 @@ from typing import Any
 NEST_DIR = Path(__file__).parent / "nest"
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 10.0
+LINE_LIMIT = 16 * 1024 * 1024
 
 
 def nest_missing() -> str | None:
@@ -37,6 +38,9 @@ async def _start(script: str, args: list[str]) -> tuple[asyncio.subprocess.Proce
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Answers carry whole payloads; asyncio's default 64 KiB line limit
+        # would kill the reader on a large one and leave the peer hanging.
+        limit=LINE_LIMIT,
     )
     assert proc.stdout is not None
     try:
@@ -59,7 +63,9 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await asyncio.wait_for(proc.wait(), 5)
         except TimeoutError:
             proc.kill()
-            await proc.wait()
+            # Bounded too: a child blocked on a full pipe nobody drains
+            # would otherwise keep this await open for ever.
+            await asyncio.wait_for(proc.communicate(), 5)
     # The pipes belong to this loop; close them here, not in a finalizer.
     transport = getattr(proc, "_transport", None)
     if transport is not None:

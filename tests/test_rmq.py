@@ -1,0 +1,694 @@
+"""RabbitMQ transport against a real broker: every semantic TCP has, plus acks,
+prefetch, nack of unhandled messages, wildcards, and a broker restart.
+
+Each test uses its own queue (non-durable, auto-deleted where it can be) and
+deletes what it created.  The restart test runs its own throwaway RabbitMQ
+node (own ports, own epmd, own data dir) so the machine's broker is never
+touched; it boots in the background while the other tests run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from conftest import wait_until
+
+from nestpy_mini import (
+    ClientProxy,
+    ClientProxyFactory,
+    ConnectionClosedError,
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    NestMicroservice,
+    RequestTimeoutError,
+    RpcError,
+    RpcException,
+    Transport,
+    brokers,
+)
+from nestpy_mini.exceptions import NO_MESSAGE_HANDLER
+from nestpy_mini.transports.rmq import (
+    RMQ_NO_EVENT_HANDLER,
+    RMQ_NO_MESSAGE_HANDLER,
+    RmqContext,
+    RmqRecordBuilder,
+    match_rmq_pattern,
+)
+
+events: list[Any] = []
+arrivals: list[Any] = []
+gates: dict[Any, asyncio.Event] = {}
+
+
+@Controller()
+class AppController:
+    @MessagePattern({"cmd": "sum"})
+    def sum(self, data: list[int]) -> int:
+        return sum(data or [])
+
+    @MessagePattern({"cmd": "async_sum"})
+    async def async_sum(self, data: list[int]) -> int:
+        await asyncio.sleep(0.001)
+        return sum(data)
+
+    @MessagePattern({"cmd": "count"})
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(1, n + 1):
+            await asyncio.sleep(0.001)
+            yield i
+
+    @MessagePattern({"cmd": "stream_err"})
+    async def stream_err(self, data: object) -> AsyncIterator[int]:
+        yield 1
+        raise RpcException("mid-stream")
+
+    @MessagePattern({"cmd": "hang"})
+    async def hang(self, data: object) -> None:
+        await asyncio.sleep(30)
+
+    @MessagePattern({"cmd": "rpc_str"})
+    def rpc_str(self, data: object) -> None:
+        raise RpcException("bad thing")
+
+    @MessagePattern({"cmd": "rpc_obj"})
+    def rpc_obj(self, data: object) -> None:
+        raise RpcException({"code": 42, "message": "custom"})
+
+    @MessagePattern({"cmd": "boom"})
+    def boom(self, data: object) -> None:
+        raise KeyError("secret detail")
+
+    @MessagePattern({"cmd": "ctx"})
+    def ctx(self, data: object, ctx: RmqContext) -> dict[str, Any]:
+        message = ctx.get_message()
+        return {
+            "pattern": ctx.get_pattern(),
+            "args_pattern": ctx.get_args()[2],
+            "routing_key": message.routing_key,
+            "headers": message.headers,
+            "delivery_mode": int(message.delivery_mode or 0),
+            "priority": message.priority,
+            "reply_to": (message.reply_to or "")[:21],
+            "channel_is_aio_pika": isinstance(ctx.get_channel_ref(), aio_pika.abc.AbstractChannel),
+        }
+
+    @MessagePattern("ping")
+    def ping(self) -> str:
+        return "pong"
+
+    @MessagePattern("orders.*")
+    def orders(self, data: object, ctx: RmqContext) -> str:
+        return f"order {ctx.get_pattern()}"
+
+    @EventPattern("user_created")
+    def on_user_created(self, data: object) -> None:
+        events.append(data)
+
+    @EventPattern("user_created")
+    async def also_on_user_created(self, data: object) -> None:
+        events.append({"second": data})
+
+    @EventPattern("explodes")
+    def explodes(self, data: object) -> None:
+        raise RuntimeError("event handler failure")
+
+
+@Module(controllers=[AppController])
+class AppModule:
+    pass
+
+
+@Controller()
+class AckController:
+    """Handlers that ack by hand, for ``no_ack: False``."""
+
+    @MessagePattern("held")
+    async def held(self, data: Any, ctx: RmqContext) -> Any:
+        arrivals.append(data)
+        await asyncio.wait_for(gates[data].wait(), 5)
+        await ctx.get_message().ack()
+        return data
+
+    @EventPattern("held_event")
+    async def held_event(self, data: Any, ctx: RmqContext) -> None:
+        arrivals.append(data)
+        await ctx.get_message().ack()
+
+
+@Module(controllers=[AckController])
+class AckModule:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    events.clear()
+    arrivals.clear()
+    gates.clear()
+
+
+class Rmq:
+    """Servers, clients and raw connections on one broker; all removed at teardown."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.apps: list[NestMicroservice] = []
+        self.clients: list[ClientProxy] = []
+        self.raw: list[aio_pika.abc.AbstractConnection] = []
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+
+    def queue(self, prefix: str = "t") -> str:
+        name = f"nestpy_{prefix}_{uuid.uuid4().hex[:10]}"
+        self.queues.append(name)
+        return name
+
+    def options(self, queue: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "urls": [self.url],
+            "queue": queue,
+            "queue_options": {"durable": False, "auto_delete": True},
+            **extra,
+        }
+
+    async def serve(self, module: Any, options: dict[str, Any]) -> NestMicroservice:
+        app = await NestFactory.create_microservice(
+            module, transport=Transport.RMQ, options={"close_grace": 0.2, **options}
+        )
+        await app.start()
+        self.apps.append(app)
+        return app
+
+    def client(self, options: dict[str, Any]) -> ClientProxy:
+        client = ClientProxyFactory.create(Transport.RMQ, {"timeout": 3, **options})
+        self.clients.append(client)
+        return client
+
+    async def connection(self) -> aio_pika.abc.AbstractConnection:
+        conn = await aio_pika.connect(self.url, timeout=5)
+        self.raw.append(conn)
+        return conn
+
+    async def cleanup(self, *, broker_may_be_down: bool = False) -> None:
+        for client in self.clients:
+            await client.close()
+        for app in self.apps:
+            await app.close()
+        for conn in self.raw:
+            await conn.close()
+        if not (self.queues or self.exchanges):
+            return
+        try:
+            async with await aio_pika.connect(self.url, timeout=5) as conn:
+                channel = await conn.channel()
+                for name in self.queues:
+                    await channel.queue_delete(name, if_unused=False, if_empty=False)
+                for name in self.exchanges:
+                    await channel.exchange_delete(name)
+        except ConnectionError:
+            if not broker_may_be_down:  # a throwaway broker takes its queues with it
+                raise
+
+
+@pytest.fixture
+async def rmq(broker_url: Callable[[str], str]) -> AsyncIterator[Rmq]:
+    helper = Rmq(broker_url("rmq"))
+    yield helper
+    await helper.cleanup()
+
+
+@pytest.fixture
+async def client(rmq: Rmq) -> ClientProxy:
+    queue = rmq.queue()
+    await rmq.serve(AppModule, rmq.options(queue))
+    return rmq.client(rmq.options(queue))
+
+
+# --- the semantics every transport shares ------------------------------------
+
+
+async def test_send_await_iterate_subscribe(client: ClientProxy) -> None:
+    assert await client.send({"cmd": "sum"}, [1, 2, 3]) == 6
+    assert await client.send({"cmd": "async_sum"}, [4, 5]) == 9
+    assert await client.send("ping", {}) == "pong"
+    assert await client.send({"cmd": "count"}, 3) == 3  # await gives the last value
+    assert [v async for v in client.send({"cmd": "count"}, 3)] == [1, 2, 3]
+    seen: list[object] = []
+    sub = client.send({"cmd": "count"}, 4).subscribe(
+        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
+    )
+    await sub
+    assert seen == [1, 2, 3, 4, "done"]
+
+
+async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
+    client.emit("user_created", {"userId": "u1"})  # not awaited: it leaves anyway
+    await wait_until(lambda: len(events) == 2)
+    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
+    await client.emit("explodes", 1)  # a failing handler is logged, not fatal
+    await client.emit("nobody_listens", 1)  # no_ack: only logged
+    assert await client.send({"cmd": "sum"}, [1]) == 1
+
+
+async def test_stream_error_after_values(client: ClientProxy) -> None:
+    seen: list[object] = []
+    with pytest.raises(RpcError) as info:
+        async for value in client.send({"cmd": "stream_err"}, 0):
+            seen.append(value)
+    assert seen == [1]
+    assert info.value.error == {"status": "error", "message": "mid-stream"}
+
+
+async def test_every_error_kind_reaches_the_caller(
+    client: ClientProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = {
+        "rpc_str": {"status": "error", "message": "bad thing"},
+        "rpc_obj": {"code": 42, "message": "custom"},
+        "boom": {"status": "error", "message": "Internal server error"},
+        "missing": NO_MESSAGE_HANDLER,  # RMQ is the one broker that answers this
+    }
+    with caplog.at_level(logging.ERROR):
+        for cmd, err in cases.items():
+            with pytest.raises(RpcError) as info:
+                await client.send({"cmd": cmd}, 1)
+            assert info.value.error == err
+    assert "secret detail" in caplog.text  # logged on the server, never sent
+
+
+async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
+        await client.send({"cmd": "hang"}, 1, timeout=0.2)
+    assert loop.time() - started < 1.0
+    assert await client.send({"cmd": "sum"}, [1, 1]) == 2
+
+
+async def test_context_getters_and_publish_options(rmq: Rmq) -> None:
+    queue = rmq.queue()
+    await rmq.serve(AppModule, rmq.options(queue))
+    client = rmq.client(rmq.options(queue, persistent=True, headers={"x-version": "1.0.0"}))
+    record = RmqRecordBuilder(1).set_options({"headers": {"x-trace": "abc"}, "priority": 3}).build()
+    assert await client.send({"cmd": "ctx"}, record) == {
+        "pattern": '{"cmd":"ctx"}',
+        "args_pattern": '{"cmd":"ctx"}',
+        "routing_key": queue,
+        "headers": {"x-version": "1.0.0", "x-trace": "abc"},
+        "delivery_mode": 2,
+        "priority": 3,
+        "reply_to": "amq.rabbitmq.reply-to",
+        "channel_is_aio_pika": True,
+    }
+
+
+async def test_many_concurrent_requests_and_non_ascii(client: ClientProxy) -> None:
+    results = await asyncio.gather(*(client.send({"cmd": "async_sum"}, [i, i]) for i in range(300)))
+    assert results == [2 * i for i in range(300)]
+    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
+    client.emit("user_created", data)
+    await wait_until(lambda: len(events) == 2)
+    assert events[0] == data
+
+
+# --- RabbitMQ's own features -------------------------------------------------------
+
+
+async def test_prefetch_one_holds_the_next_message_until_the_ack(rmq: Rmq) -> None:
+    queue = rmq.queue("prefetch")
+    options = rmq.options(queue, no_ack=False, prefetch_count=1)
+    await rmq.serve(AckModule, options)
+    client = rmq.client(rmq.options(queue))
+    gates.update({1: asyncio.Event(), 2: asyncio.Event()})
+    first = asyncio.ensure_future(client.send("held", 1))
+    await wait_until(lambda: arrivals == [1])
+    second = asyncio.ensure_future(client.send("held", 2))
+    await asyncio.sleep(0.3)
+    assert arrivals == [1]  # the broker holds message 2 while 1 is unacked
+    gates[1].set()
+    assert await first == 1
+    await wait_until(lambda: arrivals == [1, 2])
+    gates[2].set()
+    assert await second == 2
+
+
+async def test_unhandled_messages_are_nacked_and_not_redelivered(
+    rmq: Rmq, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = rmq.queue("nack")
+    # Not auto-deleted: the queue must outlive the server to be inspected.
+    options = {**rmq.options(queue, no_ack=False), "queue_options": {"durable": False}}
+    app = await rmq.serve(AckModule, options)
+    client = rmq.client(options)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(RpcError) as info:  # requests still get the no-handler reply
+            await client.send("nope", 1)
+        assert info.value.error == NO_MESSAGE_HANDLER
+        await client.emit("no_such_event", 1)
+        await client.emit("held_event", 7)  # a handled event, acked by its handler
+        await wait_until(lambda: arrivals == [7])
+        await asyncio.sleep(0.2)  # time enough for a redelivery, were there one
+    texts = [r.getMessage() for r in caplog.records]
+    assert texts.count(f"{RMQ_NO_MESSAGE_HANDLER}nope") == 1
+    assert texts.count(f"{RMQ_NO_EVENT_HANDLER}no_such_event") == 1
+    # Closing the server would return unacked messages to the queue: none are left.
+    await app.close()
+    conn = await rmq.connection()
+    declared = await (await conn.channel()).declare_queue(queue, passive=True)
+    assert declared.declaration_result.message_count == 0
+
+
+async def test_wildcards_route_through_a_topic_exchange(rmq: Rmq) -> None:
+    queue = rmq.queue("wild")
+    rmq.exchanges.append(queue)  # the exchange is named after the queue, and durable
+    await rmq.serve(AppModule, rmq.options(queue, wildcards=True))
+    client = rmq.client(rmq.options(queue, wildcards=True))
+    assert await client.send("orders.created", 1) == "order orders.created"
+    assert await client.send({"cmd": "sum"}, [2, 3]) == 5  # exact routes still win
+    assert match_rmq_pattern("orders.#", "orders.a.b") and not match_rmq_pattern("a.*", "a.b.c")
+
+
+async def test_wire_format_matches_nest(rmq: Rmq) -> None:
+    """Requests carry reply_to and correlation_id = id; replies have no id but the
+    no-handler one, in Nest's key order."""
+    queue = rmq.queue("wire")
+    await rmq.serve(AppModule, rmq.options(queue))
+    conn = await rmq.connection()
+    channel = await conn.channel()
+    replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    reply_to = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+    await reply_to.consume(replies.put, no_ack=True)
+    got = []
+    for body in (
+        b'{"pattern":{"cmd":"sum"},"data":[1,2,3],"id":"c262420878aeb8b5d8828"}',
+        b'{"pattern":"nope","data":1,"id":"05d8e01de09abc8b9ea2d"}',
+    ):
+        corr = json.loads(body)["id"]
+        message = aio_pika.Message(body, correlation_id=corr, reply_to="amq.rabbitmq.reply-to")
+        await channel.default_exchange.publish(message, routing_key=queue)
+        got.append(await asyncio.wait_for(replies.get(), 3))
+        assert got[-1].correlation_id == corr
+    first, second = got
+    assert first.body == b'{"response":6,"isDisposed":true}'
+    assert second.body == (
+        b'{"id":"05d8e01de09abc8b9ea2d","err":"There is no matching message handler '
+        b'defined in the remote service.","status":"error"}'
+    )
+
+
+async def test_client_wire_format_and_bad_replies(
+    rmq: Rmq, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-made server: checks what the client sends, answers with junk first."""
+    queue = rmq.queue("fake")
+    conn = await rmq.connection()
+    channel = await conn.channel()
+    incoming = await channel.declare_queue(queue, durable=False, auto_delete=True)
+    seen: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def fake_server(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        seen.append(message)
+        if message.reply_to is None:
+            return
+        exchange = channel.default_exchange
+        for body, corr in (
+            (b"not json", message.correlation_id),
+            (b'{"response":666,"isDisposed":true}', "someone-else"),
+            (b'{"foo":"bar"}', message.correlation_id),  # foreign: the response itself
+        ):
+            await exchange.publish(aio_pika.Message(body, correlation_id=corr), message.reply_to)
+
+    await incoming.consume(fake_server, no_ack=True)
+    client = rmq.client(rmq.options(queue))
+    with caplog.at_level(logging.WARNING):
+        assert await client.send({"cmd": "sum"}, [1, 2, 3]) == {"foo": "bar"}
+    assert "that is not JSON" in caplog.text
+    await client.emit("user_created", {"userId": "u1"})
+    await wait_until(lambda: len(seen) == 2)
+    request, event = seen
+    body = json.loads(request.body)
+    assert list(body) == ["pattern", "data", "id"]
+    assert body["pattern"] == {"cmd": "sum"} and request.correlation_id == body["id"]
+    assert request.reply_to is not None and request.reply_to.startswith("amq.rabbitmq.reply-to")
+    assert request.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    assert event.body == b'{"pattern":"user_created","data":{"userId":"u1"}}'
+    assert event.reply_to is None and event.correlation_id is None
+
+
+async def test_bad_input_is_dropped_and_the_server_keeps_serving(
+    client: ClientProxy, rmq: Rmq, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = client.queue  # type: ignore[attr-defined]
+    conn = await rmq.connection()
+    exchange = (await conn.channel()).default_exchange
+    with caplog.at_level(logging.WARNING):
+        for body in (
+            b"not json",
+            b"[1,2]",
+            b'{"foo":1}',
+            b'{"pattern":{"cmd":"sum"},"data":[1],"id":"no-reply-to"}',
+            b'{"pattern":[1,true],"data":1,"id":"odd-pattern"}',
+            b'{"pattern":NaN,"data":1}',  # Python's json reads NaN; it cannot be echoed
+        ):
+            await exchange.publish(aio_pika.Message(body), routing_key=queue)
+        assert await client.send({"cmd": "sum"}, [2, 2]) == 4
+    assert caplog.text.count("that is not a Nest packet") == 3
+    assert "Out of range float values" in caplog.text  # the NaN pattern, logged once
+    assert "has no reply_to" in caplog.text
+
+
+async def test_connect_failures_are_clear_and_urls_fall_through(rmq: Rmq) -> None:
+    dead = f"amqp://guest:secret@127.0.0.1:{brokers.free_port()}"
+    lonely = rmq.client({"urls": [dead], "queue": rmq.queue(), "connect_timeout": 2})
+    with pytest.raises(
+        ConnectionError, match=r"cannot connect to rmq amqp://guest:\*\*\*@"
+    ) as info:
+        await lonely.send("ping", 1)
+    assert "secret" not in str(info.value)
+    queue = rmq.queue()
+    await rmq.serve(AppModule, rmq.options(queue))
+    fallback = rmq.client({**rmq.options(queue), "urls": [dead, rmq.url]})
+    assert await fallback.send("ping", 1) == "pong"
+    # A queue declared differently elsewhere: the broker refuses, and we say why.
+    odd = rmq.queue("odd")
+    conn = await rmq.connection()
+    await (await conn.channel()).declare_queue(odd, durable=False)
+    with pytest.raises(ConnectionError, match=r"PRECONDITION_FAILED.*same queue_options"):
+        await rmq.serve(AppModule, {"urls": [rmq.url], "queue": odd})
+    with pytest.raises(ValueError, match="unknown queue_options: autoDelete"):
+        rmq.client({"queue": "q", "queue_options": {"autoDelete": True}})
+
+
+# --- broker restart, on a RabbitMQ node of the test's own --------------------------
+
+
+def _amqp_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.settimeout(0.5)
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(3) == b"\x01\x00\x00"
+    except OSError:
+        return False
+
+
+def rabbit_missing() -> str | None:
+    """Why a private RabbitMQ node cannot run here, or None."""
+    if PrivateRabbit.script() is None:
+        return "rabbitmq-server is not installed, so the broker restart test cannot run"
+    if shutil.which("epmd") is None:
+        return "epmd (Erlang) is not on PATH, so the broker restart test cannot run"
+    return None
+
+
+class PrivateRabbit:
+    """A throwaway RabbitMQ node: free ports, its own epmd and data dir, guest/guest.
+
+    Booting takes about 4 s, so it starts in a thread while other tests run.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="nestpy-rabbit-"))
+        self.port = brokers.free_port()
+        epmd_port = brokers.free_port()
+        (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "env.conf").write_text("")  # not the machine's rabbitmq-env.conf
+        self.env = {
+            **os.environ,
+            "HOME": str(self.dir),  # the Erlang cookie goes here
+            "RABBITMQ_NODENAME": f"nestpy{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(brokers.free_port()),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(epmd_port),
+        }
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}"
+        # Our own epmd, in the foreground: one the node started would daemonize and linger.
+        self.epmd: subprocess.Popen[bytes] | None = subprocess.Popen(
+            ["epmd", "-port", str(epmd_port), "-address", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._boot: threading.Thread | None = None
+        self._boot_error: BaseException | None = None
+        atexit.register(self.close)
+
+    @staticmethod
+    def script() -> str | None:
+        # Debian's /usr/sbin wrapper switches to the rabbitmq user, who could
+        # not write our temp dir; the script it wraps runs as we are.
+        real = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        return real if os.access(real, os.X_OK) else shutil.which("rabbitmq-server")
+
+    def start(self, within: float = 30.0) -> None:
+        """Boot the node (again, on the same ports and data) and wait until AMQP answers."""
+        script = self.script()
+        assert script is not None
+        with open(self.dir / "out.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [script],
+                env=self.env,
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its Erlang children go with its group
+            )
+        deadline = time.monotonic() + within
+        while not _amqp_answers(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.dir / "out.log").read_text(errors="replace")[-1500:]
+                self.stop()
+                raise RuntimeError(f"private RabbitMQ did not start:\n{tail}")
+            time.sleep(0.05)
+
+    def start_in_background(self) -> None:
+        def boot() -> None:
+            try:
+                self.start()
+            except BaseException as exc:
+                self._boot_error = exc
+
+        self._boot = threading.Thread(target=boot, name="private-rabbit", daemon=True)
+        self._boot.start()
+
+    def wait_booted(self, within: float = 40.0) -> None:
+        if self._boot is not None:
+            self._boot.join(within)
+            self._boot = None
+        if self._boot_error is not None:
+            raise self._boot_error
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop the broker: cleanly (its script traps TERM; about 1 s), or kill
+        its process group at once when the data is about to be deleted anyway."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        if graceful:
+            proc.terminate()
+            try:
+                proc.wait(20)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)  # the group start_new_session gave it
+        proc.wait()
+
+    def close(self) -> None:
+        if self._boot is not None:
+            self._boot.join(40)
+        self.stop(graceful=False)
+        epmd, self.epmd = self.epmd, None
+        if epmd is not None:
+            epmd.terminate()
+            epmd.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_rabbit(request: pytest.FixtureRequest) -> Iterator[PrivateRabbit | None]:
+    """Boots the restart test's node early, and only if that test is going to run."""
+    wanted = any(i.name == "test_broker_restart" for i in request.session.items)
+    node = PrivateRabbit() if wanted and rabbit_missing() is None else None
+    if node is not None:
+        node.start_in_background()
+    yield node
+    if node is not None:
+        node.close()
+
+
+async def test_broker_restart(private_rabbit: PrivateRabbit | None) -> None:
+    if private_rabbit is None:
+        pytest.skip(rabbit_missing() or "the private RabbitMQ node was not started")
+    node = private_rabbit
+    await asyncio.to_thread(node.wait_booted)
+    helper = Rmq(node.url)
+    try:
+        queue = helper.queue("restart")
+        options = {
+            **helper.options(queue),
+            "queue_options": {"durable": False},
+            "socket_options": {"reconnect_time_in_seconds": 0.2},
+        }
+        await helper.serve(AppModule, options)
+        client = helper.client({**options, "timeout": 2, "connect_timeout": 2})
+        assert await client.send("ping", 1) == "pong"
+        in_flight = asyncio.ensure_future(client.send({"cmd": "hang"}, 1, timeout=10))
+        await wait_until(lambda: bool(client._routing))
+
+        await asyncio.to_thread(node.stop)
+        # A request waiting when the broker went away fails at once...
+        with pytest.raises(ConnectionClosedError):
+            await asyncio.wait_for(in_flight, 2)
+        # ...and a send during the outage fails clearly within its timeout.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises((ConnectionError, RequestTimeoutError)):
+            await client.send("ping", 1, timeout=1)
+        assert loop.time() - started < 1.5
+
+        await asyncio.to_thread(node.start)
+        # The server re-declares its queue and consumes again; sends succeed.
+        deadline = loop.time() + 15
+        while True:
+            try:
+                assert await client.send("ping", 1, timeout=1) == "pong"
+                break
+            except (ConnectionError, RequestTimeoutError):
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        fresh = helper.client(options)
+        assert await fresh.send({"cmd": "sum"}, [20, 22]) == 42
+    finally:
+        await helper.cleanup(broker_may_be_down=True)
