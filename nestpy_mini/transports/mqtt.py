@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import ssl
@@ -30,6 +29,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .. import brokers
 from ..client import ClientProxy
+from ..codec import dumps as _dumps
+from ..codec import loads as _loads
 from ..patterns import normalize_pattern, route_of_incoming
 from ..server import BaseRpcContext, Server
 
@@ -55,7 +56,6 @@ _ROUTE_CACHE_SIZE = 4096
 logger = logging.getLogger("nestpy_mini.mqtt")
 # paho logs every packet at debug level; its own name lets that be silenced.
 _paho_logger = logging.getLogger("nestpy_mini.mqtt.paho")
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 # Connections whose connect finished after their caller gave up: held here
 # until they are closed, so the garbage collector cannot drop the task.
 _late: set[asyncio.Task[Any]] = set()
@@ -592,7 +592,7 @@ class MqttServer(Server):
             return
         topic = message.topic.value
         try:
-            packet = json.loads(message.payload)
+            packet = _loads(message.payload)
         except (ValueError, RecursionError):
             self.logger.warning("dropped a message on %r that is not JSON", topic)
             return
@@ -713,7 +713,7 @@ class MqttClient(ClientProxy):
 
     def _on_packet(self, message: aiomqtt.Message) -> None:
         try:
-            packet = json.loads(message.payload)
+            packet = _loads(message.payload)
         except (ValueError, RecursionError):
             logger.warning("dropped a reply on %r that is not JSON", message.topic.value)
             return

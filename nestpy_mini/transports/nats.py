@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +31,8 @@ from nats.aio.subscription import Subscription
 
 from .. import brokers
 from ..client import _ENVELOPE_KEYS, ClientProxy
+from ..codec import dumps as _dumps
+from ..codec import loads as _loads
 from ..exceptions import ConnectionClosedError
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext, Server
@@ -47,7 +48,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 
 logger = logging.getLogger("nestpy_mini.nats")
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 # Options handed to nats-py as they are (user, password, token, tls, name,
 # pending_size, ping_interval, ...), the way Nest spreads its options into
@@ -272,7 +272,7 @@ class NatsServer(Server):
 
         async def on_message(msg: Msg) -> None:
             try:
-                packet = json.loads(msg.data)
+                packet = _loads(msg.data)
             except ValueError:
                 log.warning("dropped a message on %r that is not JSON", msg.subject)
                 return
@@ -458,7 +458,7 @@ class NatsClient(ClientProxy):
             self._on_reply({"id": msg_id, "err": EMPTY_RESPONSE.format(subject)})
             return
         try:
-            packet = json.loads(msg.data)
+            packet = _loads(msg.data)
         except ValueError:
             logger.warning("dropped a reply on %r that is not JSON", msg.subject)
             return

@@ -18,7 +18,6 @@ message and would *wait* for a reconnect instead of failing fast.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -32,6 +31,8 @@ from pamqp import commands as spec
 
 from .. import brokers
 from ..client import _ENVELOPE_KEYS, ClientProxy
+from ..codec import dumps as _dumps
+from ..codec import loads as _loads
 from ..exceptions import NO_MESSAGE_HANDLER, RequestTimeoutError
 from ..patterns import route_of_incoming
 from ..server import BaseRpcContext, Server
@@ -86,7 +87,6 @@ _RECORD_PROPERTIES = {
 }
 
 # JSON.stringify's output: compact, UTF-8, no NaN.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 class RmqRecord:
@@ -512,7 +512,7 @@ class RmqServer(_RmqPeer, Server):
 
     async def _dispatch(self, delivered: DeliveredMessage) -> None:
         try:
-            packet = json.loads(delivered.body)
+            packet = _loads(delivered.body)
         except (ValueError, RecursionError):
             packet = None
         if not isinstance(packet, dict) or ("pattern" not in packet and "data" not in packet):
@@ -734,7 +734,7 @@ class RmqClient(_RmqPeer, ClientProxy):
             logger.debug("dropped a reply for an unknown correlation_id %r", correlation_id)
             return
         try:
-            body = json.loads(message.body)
+            body = _loads(message.body)
         except (ValueError, RecursionError):
             logger.warning("dropped a reply for %r that is not JSON", correlation_id)
             return

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 import logging
 import ssl
 from typing import Any
 
 from ..client import ClientProxy
+from ..codec import dumps as _dumps
+from ..codec import loads as _loads
 from ..patterns import normalize_pattern, route_of_incoming
 from ..server import BaseRpcContext, Server
 
@@ -29,36 +30,6 @@ DEFAULT_MAX_SEND_BUFFER_SIZE = 128 * 1024 * 1024
 _MAX_PREFIX_DIGITS = 12
 
 logger = logging.getLogger("nestpy_mini.tcp")
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_loads = json.JSONDecoder().decode
-_WS = " \t\n\r"
-try:  # CPython's C encoder and scanner, built once: json's public functions
-    # rebuild the encoder on every call, which is half the cost of a small packet.
-    from json.encoder import c_make_encoder, encode_basestring
-    from json.scanner import c_make_scanner
-
-    if c_make_encoder is None or c_make_scanner is None:
-        raise ImportError
-    _c_encode = c_make_encoder(
-        None, _dumps.__self__.default, encode_basestring, None, ":", ",", False, False, False
-    )
-    _c_scan = c_make_scanner(json.JSONDecoder())
-
-    def _dumps(obj: Any) -> str:  # type: ignore[no-redef]
-        return "".join(_c_encode(obj, 0))
-
-    def _loads(text: str) -> Any:  # type: ignore[no-redef]
-        start = 0 if text[:1] not in _WS else len(text) - len(text.lstrip(_WS))
-        try:
-            value, end = _c_scan(text, start)
-        except StopIteration as exc:
-            raise ValueError(f"expecting a JSON value at {exc.value}") from None
-        if end != len(text) and text[end:].strip():
-            raise ValueError(f"extra data after the JSON value at {end}")
-        return value
-
-except ImportError:  # other Pythons: the public, slower path
-    pass
 
 
 class FrameError(ValueError):

@@ -1,0 +1,565 @@
+"""A nestpy_mini client and server over a real Redis broker: every semantic, plus pub/sub's own.
+
+Channel names carry a per-run tag, so runs sharing one broker never answer
+each other's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import wait_until
+from redis.asyncio import Redis
+
+from nestpy_mini import (
+    ClientProxy,
+    ClientProxyFactory,
+    ConnectionClosedError,
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    NestMicroservice,
+    RequestTimeoutError,
+    RpcError,
+    RpcException,
+    Transport,
+    brokers,
+)
+from nestpy_mini.patterns import normalize_pattern
+from nestpy_mini.transports.redis import RedisClient, RedisContext, RedisServer
+
+RUN = secrets.token_hex(4)
+
+
+def cmd(name: str) -> dict[str, str]:
+    """An object pattern unique to this run: ``{"cmd": name, "run": RUN}``."""
+    return {"cmd": name, "run": RUN}
+
+
+USER_CREATED = f"user_created.{RUN}"
+calls: list[str] = []
+events: list[Any] = []
+
+
+@Controller()
+class AppController:
+    @MessagePattern(cmd("sum"))
+    def sum(self, data: list[int]) -> int:
+        calls.append("sum")
+        return sum(data or [])
+
+    @MessagePattern(cmd("async_sum"))
+    async def async_sum(self, data: list[int]) -> int:
+        await asyncio.sleep(0.001)
+        return sum(data)
+
+    @MessagePattern(cmd("count"))
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(1, n + 1):
+            await asyncio.sleep(0.001)
+            yield i
+
+    @MessagePattern(cmd("stream_err"))
+    async def stream_err(self, data: object) -> AsyncIterator[int]:
+        yield 1
+        raise RpcException("mid-stream")
+
+    @MessagePattern(cmd("hang"))
+    async def hang(self, data: object) -> None:
+        await asyncio.sleep(30)
+
+    @MessagePattern(cmd("rpc_str"))
+    def rpc_str(self, data: object) -> None:
+        raise RpcException("bad thing")
+
+    @MessagePattern(cmd("rpc_obj"))
+    def rpc_obj(self, data: object) -> None:
+        raise RpcException({"code": 42, "message": "custom"})
+
+    @MessagePattern(cmd("boom"))
+    def boom(self, data: object) -> None:
+        raise KeyError("secret detail")
+
+    @MessagePattern(cmd("unserializable"))
+    def unserializable(self, data: object) -> object:
+        return {1, 2}
+
+    @MessagePattern(cmd("ctx"))
+    def ctx(self, data: object, ctx: RedisContext) -> list[Any]:
+        return [ctx.get_channel(), ctx.get_metadata(), ctx.get_args()[0]]
+
+    @MessagePattern(f"ping.{RUN}")
+    def ping(self) -> str:
+        return "pong"
+
+    @EventPattern(USER_CREATED)
+    def on_user_created(self, data: object) -> None:
+        events.append(data)
+
+    @EventPattern(USER_CREATED)
+    async def also_on_user_created(self, data: object) -> None:
+        events.append({"second": data})
+
+    @EventPattern(f"explodes.{RUN}")
+    def explodes(self, data: object) -> None:
+        raise RuntimeError("event handler failure")
+
+
+@Module(controllers=[AppController])
+class AppModule:
+    pass
+
+
+@Controller()
+class WildController:
+    @MessagePattern(f"orders.{RUN}.*")
+    def order(self, data: object, ctx: RedisContext) -> str:
+        return ctx.get_channel()
+
+    @EventPattern(f"audit.{RUN}.*")
+    def audit(self, data: object, ctx: RedisContext) -> None:
+        events.append([ctx.get_channel(), data])
+
+
+@Module(controllers=[WildController])
+class WildModule:
+    pass
+
+
+Start = Callable[..., Awaitable[NestMicroservice]]
+MakeClient = Callable[..., ClientProxy]
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    calls.clear()
+    events.clear()
+
+
+@pytest.fixture
+def url(broker_url: Callable[[str], str]) -> str:
+    return broker_url("redis")
+
+
+@pytest.fixture
+async def start(url: str) -> AsyncIterator[Start]:
+    """Start a module as a Redis microservice; closed at teardown."""
+    apps: list[NestMicroservice] = []
+
+    async def run(module: Any = AppModule, **options: Any) -> NestMicroservice:
+        app = await NestFactory.create_microservice(
+            module, transport=Transport.REDIS, options={"url": url, "close_grace": 0.2, **options}
+        )
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield run
+    for app in apps:
+        await app.close()
+
+
+@pytest.fixture
+async def make_client(url: str) -> AsyncIterator[MakeClient]:
+    clients: list[ClientProxy] = []
+
+    def make(**options: Any) -> ClientProxy:
+        client = ClientProxyFactory.create(Transport.REDIS, {"url": url, "timeout": 2, **options})
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def raw(url: str) -> AsyncIterator[Redis]:
+    """A plain redis-py client, to see and forge what travels on the broker."""
+    redis = Redis.from_url(url, protocol=2)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def client(start: Start, make_client: MakeClient) -> ClientProxy:
+    await start()
+    return make_client()
+
+
+async def test_send_sums(client: ClientProxy) -> None:
+    assert await client.send(cmd("sum"), [1, 2, 3]) == 6
+    assert await client.send(cmd("async_sum"), [4, 5]) == 9
+    assert await client.send(f"ping.{RUN}", {}) == "pong"
+
+
+async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
+    request = client.send(cmd("sum"), [1])
+    await asyncio.sleep(0.05)
+    assert calls == [] and not client.is_connected
+    assert await request == 1
+    assert await request == 1  # each await is a new request
+    assert calls == ["sum", "sum"]
+
+
+async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
+    assert await client.send(cmd("count"), 3) == 3  # await gives the last value
+    assert [v async for v in client.send(cmd("count"), 3)] == [1, 2, 3]
+    seen: list[object] = []
+    sub = client.send(cmd("count"), 4).subscribe(
+        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
+    )
+    await sub
+    assert seen == [1, 2, 3, 4, "done"] and sub.closed
+
+
+async def test_stream_error_after_values(client: ClientProxy) -> None:
+    seen: list[object] = []
+    with pytest.raises(RpcError) as info:
+        async for value in client.send(cmd("stream_err"), 0):
+            seen.append(value)
+    assert seen == [1]
+    assert info.value.error == {"status": "error", "message": "mid-stream"}
+
+
+async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
+    client: ClientProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = {
+        "rpc_str": {"status": "error", "message": "bad thing"},
+        "rpc_obj": {"code": 42, "message": "custom"},
+        "boom": {"status": "error", "message": "Internal server error"},
+        "unserializable": {"status": "error", "message": "Internal server error"},
+    }
+    with caplog.at_level(logging.ERROR):
+        for name, err in cases.items():
+            with pytest.raises(RpcError) as info:
+                await client.send(cmd(name), 1)
+            assert info.value.error == err
+            assert await client.send(cmd("sum"), [2, 2]) == 4  # and the server goes on
+    assert "secret detail" in caplog.text  # logged on the server, never sent
+
+
+async def test_unknown_pattern_times_out_as_in_nest(client: ClientProxy) -> None:
+    # Nobody subscribes to a pattern without a handler, so nobody answers.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeoutError):
+        await client.send(cmd("no_such_cmd"), 1, timeout=0.2)
+    assert loop.time() - started < 1.0
+
+
+async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
+    client.emit(USER_CREATED, {"userId": "u1"})  # not awaited: it leaves anyway
+    await wait_until(lambda: len(events) == 2)
+    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
+    assert await client.emit(USER_CREATED, {"userId": "u2"}) is None
+    await client.emit(f"explodes.{RUN}", 1)  # a failing handler is logged, not fatal
+    assert await client.send(cmd("sum"), [1]) == 1
+
+
+async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
+        await client.send(cmd("hang"), 1, timeout=0.2)
+    assert loop.time() - started < 1.0
+    assert await client.send(cmd("sum"), [1, 1]) == 2
+
+
+async def test_context_getters(client: ClientProxy, raw: Redis) -> None:
+    channel = normalize_pattern(cmd("ctx"))
+    assert await client.send(cmd("ctx"), 1) == [channel, None, channel]
+    # Metadata comes from the envelope (Nest's dispatch hooks set it).
+    async with raw.pubsub() as pubsub:
+        await pubsub.subscribe(channel + ".reply")
+        await pubsub.get_message(timeout=1)  # the subscribe confirmation
+        envelope = {"pattern": cmd("ctx"), "data": 1, "id": "m1", "metadata": {"trace": "t"}}
+        await raw.publish(channel, json.dumps(envelope))
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert message is not None
+    reply = json.loads(message["data"])
+    assert reply["response"] == [channel, {"trace": "t"}, channel]
+
+
+async def test_wire_format_matches_nest(client: ClientProxy, raw: Redis) -> None:
+    """Raw pattern in the body, normalized channel, reply on <channel>.reply, keys in order."""
+    pattern = {"run": RUN, "cmd": "sum"}  # key order as the caller wrote it
+    channel = normalize_pattern(pattern)
+    async with raw.pubsub() as pubsub:
+        await pubsub.subscribe(channel, channel + ".reply", USER_CREATED)
+        for _ in range(3):
+            await pubsub.get_message(timeout=1)
+        assert await client.send(pattern, [1, 2, 3]) == 6
+        await client.emit(USER_CREATED, {"k": "é"})
+        seen = []
+        while len(seen) < 3:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+            assert message is not None
+            seen.append((message["channel"].decode(), message["data"].decode()))
+    request, reply, event = seen
+    msg_id = json.loads(request[1])["id"]
+    assert request == (
+        channel,
+        json.dumps({"pattern": pattern, "data": [1, 2, 3], "id": msg_id}, separators=(",", ":")),
+    )
+    assert reply == (channel + ".reply", f'{{"response":6,"isDisposed":true,"id":"{msg_id}"}}')
+    assert event == (USER_CREATED, f'{{"pattern":"{USER_CREATED}","data":{{"k":"é"}}}}')
+
+
+async def test_reply_channel_stays_subscribed(client: ClientProxy, raw: Redis) -> None:
+    reply_channel = normalize_pattern(cmd("sum")) + ".reply"
+    for i in range(3):
+        assert await client.send(cmd("sum"), [i]) == i
+    assert await raw.pubsub_numsub(reply_channel) == [(reply_channel.encode(), 1)]
+
+
+async def test_every_instance_gets_every_message(
+    start: Start, make_client: MakeClient, raw: Redis
+) -> None:
+    """Pub/sub is a broadcast: two servers both run an event and both answer a request;
+    the client keeps the first reply for the id and drops the duplicate."""
+    await start()
+    await start()
+    client = make_client()
+    await client.emit(USER_CREATED, "hello")
+    await wait_until(lambda: len(events) == 4)
+    assert sorted(map(str, events)) == sorted(["hello", "hello", *[str({"second": "hello"})] * 2])
+    reply_channel = normalize_pattern(cmd("sum")) + ".reply"
+    async with raw.pubsub() as pubsub:
+        await pubsub.subscribe(reply_channel)
+        await pubsub.get_message(timeout=1)
+        assert await client.send(cmd("sum"), [20, 22]).to_list() == [42]  # one value, not two
+        replies = []
+        while len(replies) < 2:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+            assert message is not None
+            replies.append(json.loads(message["data"]))
+    assert calls == ["sum", "sum"]
+    assert replies[0] == replies[1]  # the same answer, for the same id, from each instance
+    # A stream has no single reply to keep: both instances' values interleave.
+    values = await client.send(cmd("count"), 3).to_list()
+    assert sorted(values)[:4] == [1, 1, 2, 2] and values[-1] == 3
+
+
+async def test_a_message_nobody_hears_is_lost(start: Start, make_client: MakeClient) -> None:
+    """At most once: an event published before any server subscribed never arrives."""
+    client = make_client()
+    await client.emit(USER_CREATED, "too early")
+    await start()
+    await client.emit(USER_CREATED, "heard")
+    await wait_until(lambda: len(events) == 2)
+    await asyncio.sleep(0.05)
+    assert events == ["heard", {"second": "heard"}]
+
+
+async def test_wildcards_psubscribe_and_reply_on_the_concrete_channel(
+    start: Start, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    await start(WildModule, wildcards=True)
+    client = make_client()
+    with caplog.at_level(logging.WARNING):
+        assert await client.send(f"orders.{RUN}.created", 1) == f"orders.{RUN}.created"
+        assert await client.send(f"orders.{RUN}.paid", 2) == f"orders.{RUN}.paid"
+        await client.emit(f"audit.{RUN}.login", {"u": 1})
+        await wait_until(lambda: len(events) == 1)
+    assert events == [[f"audit.{RUN}.login", {"u": 1}]]
+    # "orders.<run>.*" also matches the reply channels; the server ignores them quietly.
+    assert "dropped" not in caplog.text
+
+
+async def test_bad_input_is_dropped_with_a_log_line(
+    client: ClientProxy, raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = normalize_pattern(cmd("sum"))
+    assert await client.send(cmd("sum"), [1]) == 1  # the reply channel is subscribed now
+    with caplog.at_level(logging.DEBUG):
+        for junk in (b"not json", b"\xff\xfe", b"[1,2]", b'{"foo":1}', b'{"data":1,"id":[1]}'):
+            await raw.publish(channel, junk)
+        for junk in (b"garbage", b"7", b'{"response":1,"isDisposed":true,"id":"nope"}'):
+            await raw.publish(channel + ".reply", junk)
+        assert await client.send(cmd("sum"), [2, 3]) == 5
+    text = caplog.text
+    assert text.count("that is not JSON") == 3  # twice on the server, once on the client
+    assert text.count("that is not a Nest packet") == 2
+    assert "whose id is not a scalar" in text
+    assert "not a JSON object" in text
+    assert "dropped a reply for an unknown id 'nope'" in text
+    assert calls == ["sum", "sum"]
+
+
+async def test_close_fails_pending_requests_at_once(client: ClientProxy) -> None:
+    pending = asyncio.ensure_future(client.send(cmd("hang"), 1, timeout=10))
+    await wait_until(lambda: client.is_connected and bool(client._routing))
+    await client.close()
+    with pytest.raises(ConnectionClosedError, match="was closed"):
+        await asyncio.wait_for(pending, 1)
+    assert await client.send(cmd("sum"), [3]) == 3  # and it reconnects on demand
+
+
+async def test_many_concurrent_requests(client: ClientProxy) -> None:
+    results = await asyncio.gather(*(client.send(cmd("async_sum"), [i, i]) for i in range(500)))
+    assert results == [2 * i for i in range(500)]
+
+
+async def test_non_ascii_round_trip(client: ClientProxy) -> None:
+    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
+    assert await client.send(cmd("async_sum"), []) == 0
+    client.emit(USER_CREATED, data)
+    await wait_until(lambda: len(events) == 2)
+    assert events[0] == data
+
+
+async def test_host_port_options_and_discovery(start: Start, url: str) -> None:
+    await start()
+    parts = urlsplit(url)
+    by_host = RedisClient(
+        {"host": parts.hostname, "port": parts.port, "password": parts.password, "timeout": 2}
+    )
+    found = RedisClient({"timeout": 2})  # no address: found at connect time
+    assert "found at connect time" in found.describe()
+    try:
+        assert await by_host.send(cmd("sum"), [1, 1]) == 2
+        assert await found.send(cmd("sum"), [2, 2]) == 4
+        assert found.describe() == brokers.redact(brokers.find("redis").url)
+    finally:
+        await by_host.close()
+        await found.close()
+
+
+async def test_connect_refused_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    port = brokers.free_port()
+    client = RedisClient({"url": f"redis://user:s3cret@127.0.0.1:{port}/0", "timeout": 1})
+    with pytest.raises(
+        ConnectionError, match=rf"cannot connect to redis://user:\*\*\*@127.0.0.1:{port}"
+    ):
+        await client.send(cmd("sum"), [1])
+    server = RedisServer({"url": f"redis://user:s3cret@127.0.0.1:{port}/0", "connect_timeout": 1})
+    with pytest.raises(ConnectionError, match=r"cannot serve on redis://user:\*\*\*@"):
+        await server.listen()
+    await client.close()
+    assert "s3cret" not in caplog.text
+
+
+async def test_bad_credentials_fail_clearly_without_showing_them(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = urlsplit(url)
+    client = RedisClient(
+        {"url": f"redis://nobody:s3cret@{parts.hostname}:{parts.port}/0", "timeout": 1}
+    )
+    with pytest.raises(ConnectionError, match=r"nobody:\*\*\*@.*(invalid|WRONGPASS)") as info:
+        await client.send(cmd("sum"), [1])
+    await client.close()
+    assert "s3cret" not in str(info.value) and "s3cret" not in caplog.text
+
+
+async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
+    """Stop the broker under a running server and client, then start it again."""
+    port = brokers.free_port()
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", port)
+    app = await NestFactory.create_microservice(
+        AppModule,
+        transport=Transport.REDIS,
+        options={"url": broker.url, "retry_delay": 0.1, "close_grace": 0.2},
+    )
+    client = RedisClient({"url": broker.url, "timeout": 1})
+    server = app.server
+    assert isinstance(server, RedisServer)
+    try:
+        await app.start()
+        assert await client.send(cmd("sum"), [1, 2]) == 3
+
+        await asyncio.to_thread(broker.stop)
+        await wait_until(lambda: not server.is_subscribed)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises((ConnectionError, RequestTimeoutError)):
+            await client.send(cmd("sum"), [1])
+        assert loop.time() - started < 1.5  # within its timeout, never a hang
+
+        broker = await asyncio.to_thread(brokers.start_embedded, "redis", port)
+        await wait_until(lambda: server.is_subscribed, within=5)
+        assert await client.send(cmd("sum"), [2, 3]) == 5
+        lost = [r for r in caplog.records if r.name.endswith("RedisServer") and "lost" in r.message]
+        assert len(lost) == 1  # one line per outage, not one per attempt
+    finally:
+        await client.close()
+        await app.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_a_silent_broker_is_noticed_by_the_ping_watchdog(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that stops answering without closing the socket is not waited on forever."""
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", brokers.free_port())
+    options = {"url": broker.url, "ping_interval": 0.1, "retry_delay": 0.1}
+    app = await NestFactory.create_microservice(
+        AppModule, transport=Transport.REDIS, options={**options, "close_grace": 0.2}
+    )
+    client = RedisClient({**options, "timeout": 2})
+    raw = Redis.from_url(broker.url, protocol=2)
+    server = app.server
+    assert isinstance(server, RedisServer)
+    try:
+        await app.start()
+        assert await client.send(cmd("sum"), [1, 2]) == 3
+        await asyncio.sleep(0.35)  # idle: PINGs are answered, nothing is lost
+        assert server.is_subscribed and "lost" not in caplog.text
+
+        await raw.execute_command("CLIENT", "PAUSE", "700", "ALL")  # silent, sockets open
+        await wait_until(lambda: not server.is_subscribed, within=1)
+        await wait_until(lambda: server.is_subscribed, within=5)
+        assert await client.send(cmd("sum"), [2, 3]) == 5
+        assert "no answer to PING within 0.2 s" in caplog.text
+    finally:
+        await raw.aclose()
+        await client.close()
+        await app.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_a_refused_subscribe_fails_listen_at_once() -> None:
+    """An ACL that forbids a channel is reported by listen(), not waited out."""
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", brokers.free_port())
+    admin = Redis.from_url(broker.url, protocol=2)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&allowed*", "+@all"
+        )
+        limited = broker.url.replace("redis://", "redis://limited:pw@")
+        server = RedisServer({"url": limited, "connect_timeout": 3})
+        server.add_handler("forbidden", lambda data: data, is_event=False)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionError, match="refused to subscribe: No permissions"):
+            await server.listen()
+        assert loop.time() - started < 1.0
+        assert not server.is_subscribed
+    finally:
+        await admin.aclose()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_retry_attempts_bound_the_resubscribing(caplog: pytest.LogCaptureFixture) -> None:
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", brokers.free_port())
+    server = RedisServer({"url": broker.url, "retry_attempts": 2, "retry_delay": 0.05})
+    server.add_handler(cmd("sum"), sum, is_event=False)
+    try:
+        await server.listen()
+        await asyncio.to_thread(broker.stop)
+        await wait_until(lambda: "gave up re-subscribing" in caplog.text)
+        assert "after 2 attempts" in caplog.text and not server.is_subscribed
+    finally:
+        await server.close()
+        await asyncio.to_thread(broker.stop)
