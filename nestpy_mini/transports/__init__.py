@@ -29,6 +29,7 @@ _MODULES = {
     Transport.NATS: "nats",
     Transport.MQTT: "mqtt",
     Transport.RMQ: "rmq",
+    Transport.KAFKA: "kafka",
 }
 
 

@@ -2,6 +2,9 @@
 //
 //   node client.mjs --transport tcp --host 127.0.0.1 --port N
 //   (same --transport/--host/--port/--url/--queue switches as server.mjs)
+//   On Kafka, Nest's client must call subscribeToResponseOf(pattern) before
+//   connect() for every pattern it will send: --kafka-patterns p1,p2,... names
+//   them (default: every pattern server.mjs answers on Kafka).
 //
 // After `await client.connect()` it prints "READY". Then each stdin line is a
 // JSON command; each command gets exactly one JSON line on stdout, in
@@ -21,11 +24,16 @@ import { Logger } from '@nestjs/common';
 import { ClientProxyFactory } from '@nestjs/microservices';
 import { lastValueFrom } from 'rxjs';
 import { createInterface } from 'readline';
-import { buildTransportOptions, parseArgs, StderrLogger } from './common.mjs';
+import {
+  buildTransportOptions,
+  KAFKA_REPLY_PATTERNS,
+  parseArgs,
+  StderrLogger,
+} from './common.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 Logger.overrideLogger(new StderrLogger(args.verbose ? undefined : ['error', 'warn', 'fatal']));
-const { transport, options } = buildTransportOptions(args);
+const { transport, options, kind } = buildTransportOptions(args);
 
 const out = obj => process.stdout.write(JSON.stringify(obj) + '\n');
 
@@ -72,6 +80,14 @@ async function runCommand(client, cmd) {
 
 async function start() {
   const client = ClientProxyFactory.create({ transport, options });
+  if (kind === 'kafka') {
+    const patterns = args['kafka-patterns']
+      ? String(args['kafka-patterns']).split(',')
+      : KAFKA_REPLY_PATTERNS;
+    for (const pattern of patterns) {
+      client.subscribeToResponseOf(pattern);
+    }
+  }
   await client.connect();
   process.stdout.write('READY\n');
 

@@ -33,7 +33,25 @@ const DEFAULT_URLS = {
   nats: 'nats://127.0.0.1:4222',
   mqtt: 'mqtt://127.0.0.1:1883',
   rmq: 'amqp://127.0.0.1:5672',
+  kafka: '127.0.0.1:9092',
 };
+
+/**
+ * The pattern of server.mjs's `cmd` handlers. Kafka topic names allow only
+ * [A-Za-z0-9._-], so an object pattern cannot be a topic there: on Kafka the
+ * handler for {cmd: X} is registered as 'cmd.X' instead.
+ */
+export function commandPattern(kind, name) {
+  return kind === 'kafka' ? `cmd.${name}` : { cmd: name };
+}
+
+export const SERVER_COMMANDS = [
+  'sum', 'echo', 'nothing', 'stream', 'stream_err', 'rpc_str', 'rpc_obj', 'boom',
+  'async_sum', 'ctx', 'events',
+];
+
+/** Every pattern server.mjs answers on Kafka: what client.mjs subscribes replies of. */
+export const KAFKA_REPLY_PATTERNS = ['ping', ...SERVER_COMMANDS.map(c => `cmd.${c}`)];
 
 /**
  * Maps CLI args to { transport, options, kind } as accepted by both
@@ -86,6 +104,38 @@ export function buildTransportOptions(args) {
           queue: args.queue ?? 'nestpy_queue',
         },
       };
+    case 'kafka': {
+      // Brokers are host:port, comma-separated (no URL scheme). The test broker
+      // is Tansu, which holds a group join until half the session timeout has
+      // passed (in 1 s steps) and answers a fetch only once its wait is half
+      // over, so the kafkajs defaults (sessionTimeout 30 s, maxWaitTimeInMs 5 s)
+      // would mean a 15 s join and replies seconds late.
+      process.env.KAFKAJS_NO_PARTITIONER_WARNING = '1';
+      const brokers = String(args.url ?? DEFAULT_URLS.kafka)
+        .split(',')
+        .map(b => b.trim())
+        .filter(Boolean);
+      return {
+        kind,
+        transport: Transport.KAFKA,
+        options: {
+          client: {
+            clientId: args['client-id'] ?? 'nestpy-interop',
+            brokers,
+            retry: { initialRetryTime: 100, retries: 8 },
+          },
+          consumer: {
+            groupId: args.group ?? 'nestpy-interop',
+            sessionTimeout: 1500,
+            heartbeatInterval: 250,
+            rebalanceTimeout: 4000,
+            maxWaitTimeInMs: 20,
+            metadataMaxAge: 1000,
+          },
+          producer: { metadataMaxAge: 1000 },
+        },
+      };
+    }
     default:
       throw new Error(`unsupported transport: ${kind}`);
   }

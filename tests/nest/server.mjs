@@ -7,6 +7,10 @@
 //   node server.mjs --transport nats  --url nats://127.0.0.1:4222
 //   node server.mjs --transport mqtt  --url mqtt://127.0.0.1:1883
 //   node server.mjs --transport rmq   --url amqp://127.0.0.1:5672 --queue q
+//   node server.mjs --transport kafka --url 127.0.0.1:9092 [--group G]
+//
+// On Kafka the {cmd: X} handlers answer the pattern 'cmd.X' and the mixed-key
+// object pattern is not served: a Kafka topic name cannot hold '{', '"' or ':'.
 //
 // stdout carries exactly one line, "READY <port>" (bound port for tcp, 0 for
 // brokers). Every Nest log line goes to stderr. The process closes the app and
@@ -22,7 +26,12 @@ import {
   RpcException,
 } from '@nestjs/microservices';
 import { Observable, interval, map, take } from 'rxjs';
-import { buildTransportOptions, parseArgs, StderrLogger } from './common.mjs';
+import {
+  buildTransportOptions,
+  commandPattern,
+  parseArgs,
+  StderrLogger,
+} from './common.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const { transport, options, kind } = buildTransportOptions(args);
@@ -112,27 +121,30 @@ const proto = AppController.prototype;
 const decorate = (decorator, name) =>
   decorator(proto, name, Object.getOwnPropertyDescriptor(proto, name));
 
-decorate(MessagePattern({ cmd: 'sum' }), 'sum');
-decorate(MessagePattern({ cmd: 'echo' }), 'echo');
+const cmd = name => commandPattern(kind, name);
+decorate(MessagePattern(cmd('sum')), 'sum');
+decorate(MessagePattern(cmd('echo')), 'echo');
 decorate(MessagePattern('ping'), 'ping');
-decorate(MessagePattern({ cmd: 'nothing' }), 'nothing');
-decorate(MessagePattern({ cmd: 'stream' }), 'stream');
-decorate(MessagePattern({ cmd: 'stream_err' }), 'streamErr');
-decorate(MessagePattern({ cmd: 'rpc_str' }), 'rpcStr');
-decorate(MessagePattern({ cmd: 'rpc_obj' }), 'rpcObj');
-decorate(MessagePattern({ cmd: 'boom' }), 'boom');
-decorate(MessagePattern({ cmd: 'async_sum' }), 'asyncSum');
-decorate(
-  MessagePattern({ Zeta_1: 'z', alpha: 'a', _under: 'u', B2: 'b', a10: 'x', a9: 'y' }),
-  'mixed',
-);
-decorate(MessagePattern({ cmd: 'ctx' }), 'ctx');
+decorate(MessagePattern(cmd('nothing')), 'nothing');
+decorate(MessagePattern(cmd('stream')), 'stream');
+decorate(MessagePattern(cmd('stream_err')), 'streamErr');
+decorate(MessagePattern(cmd('rpc_str')), 'rpcStr');
+decorate(MessagePattern(cmd('rpc_obj')), 'rpcObj');
+decorate(MessagePattern(cmd('boom')), 'boom');
+decorate(MessagePattern(cmd('async_sum')), 'asyncSum');
+if (kind !== 'kafka') {
+  decorate(
+    MessagePattern({ Zeta_1: 'z', alpha: 'a', _under: 'u', B2: 'b', a10: 'x', a9: 'y' }),
+    'mixed',
+  );
+}
+decorate(MessagePattern(cmd('ctx')), 'ctx');
 // Parameter decorators: (target, propertyKey, parameterIndex).
 Payload()(proto, 'ctx', 0);
 Ctx()(proto, 'ctx', 1);
 decorate(EventPattern('user_created'), 'userCreated');
 decorate(EventPattern('user_created'), 'userCreatedSecond');
-decorate(MessagePattern({ cmd: 'events' }), 'events');
+decorate(MessagePattern(cmd('events')), 'events');
 Controller()(AppController);
 
 class AppModule {}
