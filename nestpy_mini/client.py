@@ -54,15 +54,10 @@ class Subscription:
 class Observable(Generic[T]):
     """A cold stream of reply values: ``await`` it, ``async for`` it, or ``subscribe``."""
 
-    def __init__(self, source: Source, last: Callable[[], Awaitable[T]] | None = None) -> None:
+    def __init__(self, source: Source) -> None:
         self._source = source
-        # A client passes its own way to get just the last value: it skips
-        # a callback per value and a coroutine, on the most common call.
-        self._last_fn = last
 
     def __await__(self) -> Generator[Any, None, T]:
-        if self._last_fn is not None:
-            return self._last_fn().__await__()
         return self._last().__await__()
 
     async def _last(self) -> T:
@@ -117,6 +112,25 @@ class Observable(Generic[T]):
 
         task.add_done_callback(finished)
         return Subscription(task)
+
+
+class _Request(Observable[Any]):
+    """``client.send(...)``: one object per call, and ``await`` goes straight to
+    the client for the last value, without a callback per value."""
+
+    __slots__ = ("_client", "_data", "_limit", "_pattern")
+
+    def __init__(self, client: ClientProxy, pattern: Any, data: Any, limit: float) -> None:
+        self._client = client
+        self._pattern = pattern
+        self._data = data
+        self._limit = limit
+
+    def _source(self, on_next: OnNext) -> Awaitable[None]:  # type: ignore[override]
+        return self._client._request(self._pattern, self._data, on_next, self._limit)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._client._request(self._pattern, self._data, None, self._limit).__await__()
 
 
 class _Pending:
@@ -275,6 +289,7 @@ class ClientProxy:
             except OSError as exc:
                 raise ConnectionError(f"cannot connect to {self.describe()}: {exc}") from exc
             self._connected = True
+            self._timeouts = _Deadlines(asyncio.get_running_loop())
 
     async def close(self) -> None:
         """Close the connection; every request still waiting fails at once."""
@@ -313,22 +328,19 @@ class ClientProxy:
         """A request; cold until awaited, iterated or subscribed."""
         if pattern is None or data is None:
             raise InvalidMessageError
-        limit = self.timeout if timeout is None else float(timeout)
-        return Observable(
-            lambda on_next: self._request(pattern, data, on_next, limit),
-            lambda: self._request(pattern, data, None, limit),
-        )
+        return _Request(self, pattern, data, self.timeout if timeout is None else float(timeout))
 
     async def _request(self, pattern: Any, data: Any, on_next: OnNext | None, limit: float) -> Any:
         """Send one request and wait for its end; with ``on_next`` None, return the last value."""
         if not self._connected:
             await self.connect()
         msg_id = f"{self._id_prefix}{next(self._ids)}"
-        loop = asyncio.get_running_loop()
+        # The loop of the connection, kept since connect(): asking asyncio for
+        # the running loop costs a getpid() system call per request on 3.11.
         timeouts = self._timeouts
-        if timeouts is None or timeouts.loop is not loop:
-            timeouts = self._timeouts = _Deadlines(loop)
-        call = _Pending(loop, on_next, limit, pattern, timeouts)
+        if timeouts is None:
+            timeouts = self._timeouts = _Deadlines(asyncio.get_running_loop())
+        call = _Pending(timeouts.loop, on_next, limit, pattern, timeouts)
         self._routing[msg_id] = call
         try:
             # A transport may publish synchronously (returning None) to save
