@@ -53,6 +53,12 @@ class NestMicroservice:
         self._owns_container = owns_container
         self._started = False
         self._closed: asyncio.Event | None = None
+        # The one close in progress (or done): a second close() -- a signal
+        # during an explicit close, say -- waits for it instead of running the
+        # shutdown hooks (which close the clients) under handlers still running.
+        self._closing: asyncio.Future[None] | None = None
+        self._signals: tuple[asyncio.AbstractEventLoop, list[int]] | None = None
+        self._signal_close: asyncio.Future[None] | None = None
 
     def get(self, token: Any) -> Any:
         """The instance the container built for ``token``."""
@@ -65,6 +71,8 @@ class NestMicroservice:
         await self.server.listen()
         self._started = True
         self._closed = asyncio.Event()
+        # Started again after a close: a later close() is a new one.
+        self._closing = self._signal_close = None
         if self._owns_container:
             await call_hooks(list(self.container.instances()), "on_application_bootstrap")
         return self
@@ -72,8 +80,10 @@ class NestMicroservice:
     def enable_shutdown_hooks(self) -> NestMicroservice:
         """Close gracefully on SIGINT/SIGTERM, as Nest's ``enableShutdownHooks``."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.close()))
+        sigs = [signal.SIGINT, signal.SIGTERM]
+        for sig in sigs:
+            loop.add_signal_handler(sig, self._on_signal)
+        self._signals = (loop, sigs)
         return self
 
     async def listen(self) -> None:
@@ -83,18 +93,52 @@ class NestMicroservice:
         await self._closed.wait()
 
     async def close(self) -> None:
-        """Stop accepting, let running handlers finish, close connections and clients."""
-        if not self._started:
+        """Stop accepting, let running handlers finish (within ``close_grace``),
+        close connections and clients.  Safe to call again, or at the same time:
+        every caller returns once the one close is done."""
+        if self._closing is not None:
+            # shield: a waiter cancelled here must not cancel the close itself.
+            await asyncio.shield(self._closing)
+            return
+        # The first caller closes inline, not in a task: the transport stops
+        # accepting within this very call, before any other task runs.
+        done = self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._close()
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: there may be no other caller to see it
+            raise
+        done.set_result(None)
+
+    def _on_signal(self) -> None:
+        # The task is kept: a bare ensure_future() could be garbage-collected mid-close.
+        if self._signal_close is None:
+            self._signal_close = asyncio.ensure_future(self.close())
+
+    async def _close(self) -> None:
+        self._remove_signal_handlers()
+        try:
+            if self._started:
+                self._started = False
+                await self.server.close()
+                if self._owns_container:
+                    await call_hooks(list(self.container.instances()), "on_module_destroy")
             if self._owns_container:
                 await call_hooks(list(self.container.instances()), "on_application_shutdown")
-            return
-        self._started = False
-        await self.server.close()
-        if self._owns_container:
-            await call_hooks(list(self.container.instances()), "on_module_destroy")
-            await call_hooks(list(self.container.instances()), "on_application_shutdown")
-        if self._closed is not None:
-            self._closed.set()
+        finally:
+            # Even if a hook failed: listen() must return, or a SIGTERM'd process never exits.
+            if self._closed is not None:
+                self._closed.set()
+
+    def _remove_signal_handlers(self) -> None:
+        signals, self._signals = self._signals, None
+        if signals is not None and not signals[0].is_closed():
+            for sig in signals[1]:
+                signals[0].remove_signal_handler(sig)
 
     async def __aenter__(self) -> NestMicroservice:
         return await self.start()

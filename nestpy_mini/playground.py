@@ -16,6 +16,7 @@ nestpy_mini`` stays light for services that never show a widget.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import html
 import json
@@ -29,7 +30,7 @@ from . import brokers
 from .client import ClientProxy, ClientProxyFactory
 from .exceptions import RpcError
 from .transports import Transport
-from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT, FrameDecoder, FrameError
+from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT, FrameError
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -46,6 +47,19 @@ QUIET = 0.05
 ID_PREFIX = "play-"  # repeatable request ids: play-1, play-2, ...
 DEFAULT_BROKER_PORT = {"redis": 6379, "nats": 4222, "mqtt": 1883}
 _MAX_PREFIX_DIGITS = 12
+
+
+def _body_end(buf: bytearray, start: int, units: int) -> int | None:
+    """Where a body of ``units`` UTF-16 units that starts at ``start`` ends, or
+    None while it is incomplete.  Display only, so clarity beats speed here:
+    the transport's own decoder counts the same way, incrementally."""
+    chunk = bytes(buf[start : start + 3 * units])  # a unit is at most 3 bytes
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(chunk)
+    encoded = text.encode("utf-16-le", "surrogatepass")
+    if len(encoded) < 2 * units:
+        return None
+    body = encoded[: 2 * units].decode("utf-16-le", "surrogatepass")
+    return start + len(body.encode("utf-8", "surrogateescape"))
 
 
 def split_frames(buf: bytearray) -> list[bytes]:
@@ -67,10 +81,10 @@ def split_frames(buf: bytearray) -> list[bytes]:
         start, units = hash_at + 1, int(prefix)
         end = start + units
         if end > len(buf) or not buf[start:end].isascii():
-            found = FrameDecoder._non_ascii_body(buf, start, units)
+            found = _body_end(buf, start, units)
             if found is None:
                 return frames
-            end = found[1]
+            end = found
         frames.append(bytes(buf[:end]))
         del buf[:end]
 

@@ -33,6 +33,16 @@ NO_EVENT_HANDLER = (
 
 # How long close() lets running handlers finish before cancelling them.
 DEFAULT_CLOSE_GRACE = 5.0
+# How long close() then waits for the cancelled ones to unwind: a handler that
+# swallows its cancellation must not hold shutdown up for ever.
+CANCEL_WAIT = 1.0
+# The ``err`` a caller gets when close() cancelled its handler past the grace.
+# Without it a broker caller would wait out its whole timeout for a reply that
+# can no longer come.
+SHUTDOWN_ERROR = {
+    "status": "error",
+    "message": "The server is shutting down: the handler did not finish within its close grace",
+}
 
 
 class BaseRpcContext:
@@ -140,6 +150,10 @@ def error_payload(exc: BaseException, logger: logging.Logger, where: str) -> Any
     return {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
 
 
+# What encoding a reply raises for a value JSON cannot hold: a set, NaN, a
+# lone surrogate, or nesting deeper than the encoder's recursion.
+_UNWRITABLE = (TypeError, ValueError, RecursionError)
+
 # Results that are surely neither awaitables nor streams: checked by type
 # first, because inspect.isawaitable costs more than a plain handler call.
 _PLAIN = frozenset({int, float, str, bool, list, dict, type(None)})
@@ -157,6 +171,10 @@ class Server:
     """Base of every transport's server: the handler table and dispatch."""
 
     transport_name = "base"
+    # Whether a request cancelled by close() gets a SHUTDOWN_ERROR reply.  A
+    # broker transport needs it (its caller hears nothing else); TCP turns it
+    # off: closing the socket tells its caller at once (ConnectionClosedError).
+    reply_when_cancelled = True
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
@@ -201,13 +219,35 @@ class Server:
         await self.drain()
 
     async def drain(self) -> None:
-        """Let running handlers finish (bounded by ``close_grace``), then cancel the rest."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.close_grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        """Let running handlers finish (bounded by ``close_grace``), then cancel the rest.
+
+        The transport has stopped taking new messages before this is called.
+        Tasks started meanwhile (a reply being written, a stream's next value)
+        are waited for too, within the same grace.  A cancelled request
+        answers its caller with ``SHUTDOWN_ERROR`` (see ``_finish_request``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_grace
+        while self._tasks:
+            left = deadline - loop.time()
+            # One wait even with no grace left: tasks spawned this very loop
+            # pass get to start, so a cancelled one still runs its except clause.
+            _, pending = await asyncio.wait(set(self._tasks), timeout=max(left, 0))
+            if pending and left <= 0:
+                break
+        pending = set(self._tasks)
+        if not pending:
+            return
+        self.logger.warning(
+            "%d handler(s) still running after the %g s close grace; cancelling them",
+            len(pending),
+            self.close_grace,
+        )
+        for task in pending:
+            task.cancel()
+        _, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+        if stuck:
+            self.logger.error("%d handler(s) ignored their cancellation; left behind", len(stuck))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -215,8 +255,14 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     # --- dispatch ------------------------------------------------------------
-    def handle_request(self, route: str, data: Any, msg_id: Any, ctx: Any, reply: Reply) -> None:
-        """Run the handler for one request and send every reply packet for ``msg_id``."""
+    def handle_request(
+        self, route: str | None, data: Any, msg_id: Any, ctx: Any, reply: Reply
+    ) -> None:
+        """Run the handler for one request and send every reply packet for ``msg_id``.
+
+        ``route`` None is a pattern no handler can match (missing, null, true):
+        the caller still gets Nest's no-handler error with its id, not silence.
+        """
         handler = self.message_handlers.get(route)
         if handler is None:
             self._send(reply, {"id": msg_id, "status": "error", "err": NO_MESSAGE_HANDLER}, msg_id)
@@ -260,6 +306,13 @@ class Server:
                 await self._asend(reply, {"isDisposed": True, "id": msg_id}, msg_id)
                 return
             value = await result if inspect.isawaitable(result) else result
+        except asyncio.CancelledError:
+            # drain() cancelled it past the close grace: say so to the caller,
+            # who would otherwise wait for its timeout (on a broker, in full).
+            if self.reply_when_cancelled:
+                packet = {"err": SHUTDOWN_ERROR, "isDisposed": True, "id": msg_id}
+                await self._asend(reply, packet, msg_id)
+            raise
         except Exception as exc:
             err = error_payload(exc, self.logger, handler.name)
             await self._asend(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
@@ -269,7 +322,7 @@ class Server:
     def _send(self, reply: Reply, packet: dict[str, Any], msg_id: Any) -> None:
         try:
             pending = reply(packet)
-        except (TypeError, ValueError) as exc:
+        except _UNWRITABLE as exc:
             pending = self._unserializable(reply, exc, msg_id)
         if pending is not None:
             self._spawn(self._await_reply(pending))
@@ -277,15 +330,22 @@ class Server:
     async def _asend(self, reply: Reply, packet: dict[str, Any], msg_id: Any) -> None:
         try:
             pending = reply(packet)
-        except (TypeError, ValueError) as exc:
+        except _UNWRITABLE as exc:
             pending = self._unserializable(reply, exc, msg_id)
         if pending is not None:
             await self._await_reply(pending)
 
     def _unserializable(self, reply: Reply, exc: Exception, msg_id: Any) -> Awaitable[None] | None:
-        self.logger.error("reply to %r is not JSON-serializable: %s", msg_id, exc)
+        self.logger.error("reply to %.200r is not JSON-serializable: %s", msg_id, exc)
         err = {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
-        return reply({"err": err, "isDisposed": True, "id": msg_id})
+        try:
+            return reply({"err": err, "isDisposed": True, "id": msg_id})
+        except _UNWRITABLE:
+            # The id itself cannot be written (NaN, nested too deep), so no
+            # reply can carry it.  Raised on, it would end the task or read
+            # that sent it; TCP closes such a connection before it gets here.
+            self.logger.error("no reply can carry the id %.200r; dropped", msg_id)
+            return None
 
     async def _await_reply(self, pending: Awaitable[None]) -> None:
         try:
@@ -297,7 +357,8 @@ class Server:
         """Run every handler of an event; failures are logged, never replied."""
         handlers = self.event_handlers.get(route)
         if not handlers:
-            self.logger.error("%s%s", NO_EVENT_HANDLER, route)
+            # Cut short: the pattern came from the peer, and may be megabytes.
+            self.logger.error("%s%.200s", NO_EVENT_HANDLER, route)
             return
         for handler in handlers:
             try:

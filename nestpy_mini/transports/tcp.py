@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import math
+import re
 import ssl
 from typing import Any
 
 from ..client import ClientProxy
 from ..codec import dumps as _dumps
 from ..codec import loads as _loads
-from ..patterns import normalize_pattern, route_of_incoming
+from ..patterns import MAX_DEPTH, MAX_KEYS, normalize_pattern, route_of_incoming
 from ..server import BaseRpcContext, Server
 
 DEFAULT_HOST = "127.0.0.1"
@@ -28,6 +30,13 @@ DEFAULT_MAX_BUFFER_SIZE = 128 * 1024 * 1024
 DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT = 30.0
 DEFAULT_MAX_SEND_BUFFER_SIZE = 128 * 1024 * 1024
 _MAX_PREFIX_DIGITS = 12
+# Frames longer than this (UTF-16 units) are flagged by the decoder so the
+# server can screen their patterns; shorter ones cannot carry a costly one.
+LARGE_FRAME = 256
+# Made once: looking the codec up costs more than decoding a small frame.
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_STRICT, _LENIENT = 1, 2  # how a non-ASCII frame is being scanned (0: not at all)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 logger = logging.getLogger("nestpy_mini.tcp")
 
@@ -36,24 +45,61 @@ class FrameError(ValueError):
     """The byte stream broke the framing; the connection cannot be trusted on."""
 
 
+def _escape_surrogate(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def encode_frame(message: Any) -> bytes:
     """One packet as Nest's JSON socket writes it."""
     text = _dumps(message)
     if text.isascii():
         return b"%d#%s" % (len(text), text.encode())
+    try:
+        body = text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a string that arrived as "\ud800", say) has no
+        # UTF-8 form; JSON.stringify writes it as a \u escape, and so do we.
+        # Only this failure pays for the search.
+        text = _LONE_SURROGATE.sub(_escape_surrogate, text)
+        body = text.encode()
     units = len(text.encode("utf-16-le", "surrogatepass")) // 2
-    return f"{units}#{text}".encode()
+    return b"%d#%s" % (units, body)
 
 
 class FrameDecoder:
-    """Turns received bytes into decoded JSON packets, frame by frame."""
+    """Turns received bytes into decoded JSON packets, frame by frame.
 
-    __slots__ = ("_buf", "_length", "max_size")
+    Between calls it holds at most one unfinished frame: ``max_size`` units
+    and its prefix, which is ``3 * max_size + 13`` bytes at worst (a UTF-16
+    unit takes up to three UTF-8 bytes).  A frame that arrives over many reads
+    is scanned once in all, never again from its start on each read: that
+    made a 32 MB frame cost seconds of a blocked event loop.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_done",
+        "_length",
+        "_mode",
+        "_seen",
+        "_units",
+        "_utf8",
+        "max_size",
+        "saw_large_frame",
+    )
 
     def __init__(self, max_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
         self._buf = bytearray()
         self._length: int | None = None
         self.max_size = max_size
+        # True when the last feed() completed a frame longer than LARGE_FRAME.
+        self.saw_large_frame = False
+        self._broken: str | None = None
+        # Progress through a non-ASCII frame's body (see _scan).
+        self._mode = 0
+        self._seen = self._done = self._units = 0
+        self._utf8: codecs.IncrementalDecoder | None = None
 
     @property
     def has_partial(self) -> bool:
@@ -62,65 +108,129 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Any]:
         """Every packet completed by ``data``; raises ``FrameError`` on broken framing."""
+        if self._broken is not None:
+            # Once framing is lost nothing after it can be located: no packet
+            # may come out of what follows, so every later call fails too.
+            raise FrameError(f"the stream already broke: {self._broken}")
         buf = self._buf
         buf += data
         out = []
         pos = 0
-        while True:
-            if self._length is None:
-                hash_at = buf.find(b"#", pos, pos + _MAX_PREFIX_DIGITS + 1)
-                if hash_at < 0:
-                    if len(buf) - pos > _MAX_PREFIX_DIGITS:
-                        raise FrameError(f"no length prefix: {bytes(buf[pos : pos + 16])!r}")
-                    break
-                prefix = bytes(buf[pos:hash_at])
-                if not prefix.isdigit():
-                    raise FrameError(f"corrupted length prefix {prefix!r}")
-                length = int(prefix)
-                if length > self.max_size:
-                    raise FrameError(
-                        f"declared frame length {length} exceeds the limit of {self.max_size}"
-                    )
-                self._length = length
-                pos = hash_at + 1
-            length = self._length
-            end = pos + length
-            # Fast path: ASCII bytes are one UTF-16 unit each.
-            chunk = buf[pos:end]
-            if chunk.isascii():
-                if end > len(buf):
-                    break  # an ASCII frame still arriving: wait, without decoding
-                body = chunk.decode("ascii")
-            else:
-                found = self._non_ascii_body(buf, pos, length)
-                if found is None:
-                    break
-                body, end = found
+        large = False
+        try:
+            while True:
+                length = self._length
+                body = None
+                if length is None:
+                    hash_at = buf.find(b"#", pos, pos + _MAX_PREFIX_DIGITS + 1)
+                    if hash_at < 0:
+                        if len(buf) - pos > _MAX_PREFIX_DIGITS:
+                            raise FrameError(f"no length prefix: {bytes(buf[pos : pos + 16])!r}")
+                        break
+                    prefix = bytes(buf[pos:hash_at])
+                    if not prefix.isdigit():
+                        raise FrameError(f"corrupted length prefix {prefix!r}")
+                    length = int(prefix)
+                    if length > self.max_size:
+                        raise FrameError(
+                            f"declared frame length {length} exceeds the limit of {self.max_size}"
+                        )
+                    self._length = length
+                    pos = hash_at + 1
+                elif self._mode:
+                    # Only a frame carried over from an earlier read gets here:
+                    # a non-ASCII one resumes its scan where that read stopped.
+                    found = self._scan(buf, pos, length)
+                    if found is None:
+                        break
+                    body, end = found
+                if body is None:
+                    end = pos + length
+                    if end > len(buf):
+                        # Each UTF-16 unit takes at least one byte, so the frame
+                        # is not all here.  Wait without copying it: a big frame
+                        # arrives in hundreds of reads.
+                        break
+                    chunk = buf[pos:end]
+                    if chunk.isascii():  # one byte, one unit: the common case
+                        body = chunk.decode("ascii")
+                    else:
+                        found = self._scan(buf, pos, length)
+                        if found is None:
+                            break
+                        body, end = found
+                self._length = None
+                pos = end
+                if length > LARGE_FRAME:
+                    large = True
+                try:
+                    out.append(_loads(body))
+                except (ValueError, RecursionError) as exc:
+                    raise FrameError(f"invalid JSON in a frame: {exc}") from None
+        except FrameError as exc:
+            self._broken = str(exc)
+            buf.clear()  # nothing in it can be used any more: free it now
             self._length = None
-            pos = end
-            try:
-                out.append(_loads(body))
-            except (ValueError, RecursionError) as exc:
-                raise FrameError(f"invalid JSON in a frame: {exc}") from None
+            self._mode = 0
+            raise
         del buf[:pos]
+        self.saw_large_frame = large
         return out
 
-    @staticmethod
-    def _non_ascii_body(buf: bytearray, pos: int, units: int) -> tuple[str, int] | None:
-        """The text of ``units`` UTF-16 units starting at ``pos``, and where it ends."""
-        # A UTF-16 unit never takes more than three UTF-8 bytes.
-        chunk = bytes(buf[pos : pos + 3 * units])
-        # surrogateescape keeps invalid bytes countable (one unit each, as
-        # Node's decoder counts its replacement character) and reversible.
-        text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(chunk)
+    def _scan(self, buf: bytearray, pos: int, length: int) -> tuple[str, int] | None:
+        """The text of the non-ASCII frame body at ``pos`` and where it ends,
+        or None while it is incomplete.
+
+        Counts UTF-16 units over the bytes as they come, resuming where the
+        last call stopped.  Bytes that are not UTF-8 count one unit each and
+        become U+FFFD, as Node's decoder makes them.
+        """
+        dec = self._utf8
+        if not self._mode:  # a new frame
+            if dec is None:
+                dec = self._utf8 = _Utf8Decoder()
+            else:
+                dec.reset()
+            dec.errors = "strict"
+            self._mode = _STRICT
+            self._seen = self._done = self._units = 0
+        # _seen: bytes given to the decoder; _done: bytes of the text it gave
+        # back (it may hold the start of a character); _units: that text's length.
+        seen, done, units = self._seen, self._done, self._units
+        need = length - units
+        # The rest needs at most three bytes a unit, and one more shows a
+        # four-byte character that would straddle the frame's end.
+        stop = min(len(buf) - pos, done + 3 * need + 1)
+        try:
+            text = dec.decode(buf[pos + seen : pos + stop])
+        except UnicodeDecodeError:
+            # Not UTF-8 (perhaps only past this frame's end): count again from
+            # the frame's start, keeping each bad byte.  Once per frame at most.
+            dec.reset()
+            dec.errors = "surrogateescape"
+            self._mode = _LENIENT
+            self._seen = self._done = self._units = 0
+            return self._scan(buf, pos, length)
         encoded = text.encode("utf-16-le", "surrogatepass")
-        if len(encoded) < 2 * units:
+        count = len(encoded) // 2
+        if count < need:
+            self._seen = stop
+            self._done = stop - len(dec.getstate()[0])
+            self._units = units + count
             return None
-        body = encoded[: 2 * units].decode("utf-16-le", "surrogatepass")
-        if body and "\ud800" <= body[-1] <= "\udbff":
-            raise FrameError("the frame length ends inside a character")
-        raw = body.encode("utf-8", "surrogateescape")
-        return raw.decode("utf-8", "replace"), pos + len(raw)
+        if count == len(text):  # no character takes two units
+            piece = text[:need]
+        else:
+            piece = encoded[: 2 * need].decode("utf-16-le", "surrogatepass")
+            if "\ud800" <= piece[-1] <= "\udbff":
+                raise FrameError("the frame length ends inside a character")
+        end = pos + done + len(piece.encode("utf-8", dec.errors))
+        if done == 0 and self._mode == _STRICT:
+            body = piece  # the whole body, already decoded
+        else:
+            body = buf[pos:end].decode("utf-8", "replace")
+        self._mode = 0
+        return body, end
 
 
 class TcpContext(BaseRpcContext):
@@ -182,16 +292,24 @@ class TcpConnection(asyncio.Protocol):
             self.abort(f"broken frame from {self.peer}: {exc}")
             return
         if packets:
-            if self._corked is not None:  # a flush is already scheduled: join it
-                for packet in packets:
-                    self._on_packet(self, packet)
-            else:
-                self._corked = []
-                try:
+            try:
+                if self._corked is not None:  # a flush is already scheduled: join it
                     for packet in packets:
                         self._on_packet(self, packet)
-                finally:
-                    self._flush()
+                else:
+                    self._corked = []
+                    try:
+                        for packet in packets:
+                            self._on_packet(self, packet)
+                    finally:
+                        self._flush()
+            except Exception as exc:
+                # Whatever a packet made dispatch raise must cost its own
+                # connection only, with one line of log.  Let out, asyncio
+                # would log a traceback and drop the rest of the read anyway.
+                logger.debug("dispatch failed for %s", self.peer, exc_info=True)
+                self.abort(f"{self.peer} sent a packet that could not be handled: {exc!r:.200}")
+                return
         if self.decoder.has_partial:
             self._arm_timer()
         elif self._timer is not None:
@@ -276,8 +394,120 @@ def _limits(options: dict[str, Any]) -> tuple[int, float, int]:
     )
 
 
-# JSON values that can be a pattern (bool is excluded: JSON true is no route).
-_PATTERN_TYPES = frozenset({str, dict, int, float})
+# JSON values that can be a pattern.  Nest routes an array as an object keyed
+# by index; true, false and null it never matches, nor a missing pattern.
+_PATTERN_TYPES = frozenset({str, dict, int, float, list})
+# How deep an object or array id may nest and still be echoed: far past any
+# real id, and still half the encoder's recursion limit away wherever a
+# reply is written (the parser alone would let ids nest about 980 deep).
+_MAX_ID_DEPTH = 500
+
+
+def _route_cost(pattern: Any, budget: int) -> int:
+    """What routing ``pattern`` costs, in characters; counting stops past ``budget``.
+
+    Each key and string that normalizing reaches ends up in the route, so
+    their total is a lower bound on the route's length.  A list counts its
+    length too: it is converted item by item before any limit applies.
+    """
+    total = 0
+    stack = [(pattern, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) is list:
+            total += len(node)
+            children: Any = node
+        else:
+            children = node.values()
+        if depth > MAX_DEPTH or len(node) > MAX_KEYS:
+            continue  # a placeholder in the route: normalizing looks no deeper
+        if children is not node:
+            total += sum(map(len, node))  # the keys
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                total += len(child)
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
+        if total > budget:
+            break
+    return total
+
+
+def _echoable(msg_id: Any) -> bool:
+    """Whether a (non-string) request id can be written back as it came.
+
+    Nest echoes any id, an object or an array too, and so do we.  Two kinds
+    cannot be written: NaN and ±Infinity, which Python's parser accepts but
+    ``JSON.parse`` rejects (Nest closes the connection on such a frame), and
+    a container nested deeper than ``_MAX_ID_DEPTH``.
+    """
+    kind = type(msg_id)
+    if kind is float:
+        return math.isfinite(msg_id)
+    if kind is not dict and kind is not list:
+        return True  # int, bool, None
+    stack = [(msg_id, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth >= _MAX_ID_DEPTH:
+            return False
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is float and not math.isfinite(child):
+                return False
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return True
+
+
+# Seconds close() waits for its connections to flush and really close (a TLS
+# close_notify exchange, a slow reader) before it aborts what is left.
+CLOSE_FLUSH_TIMEOUT = 2.0
+
+
+class _EndedConnection(TcpConnection):
+    """A connection that keeps why it dropped itself, and tells when it is gone.
+
+    ``gone`` lets a close() return only once the socket is really closed; the
+    ``reason`` (a frame over ``max_buffer_size``, a stalled frame) reaches a
+    client's callers in their ``ConnectionClosedError``, not only the log.
+    """
+
+    reason: str | None = None
+    gone: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gone = asyncio.get_running_loop().create_future()
+        super().connection_made(transport)
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        super().abort(reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
+        super().connection_lost(exc)
+
+
+class _ServedConnection(_EndedConnection):
+    """A server's connection, tracked by the server from ``connection_made`` on.
+
+    With TLS, asyncio makes the protocol when it accepts, but calls
+    ``connection_made`` only once the handshake succeeds, and never calls
+    ``connection_lost`` if it fails.  Tracked from the accept, every failed
+    handshake (a plaintext client, a port scan) would be kept for ever.
+    """
+
+    server: TcpServer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.server._closing:  # a TLS handshake that ended after close() began
+            transport.abort()
+            return
+        self.server._connections.add(self)
 
 
 class TcpServer(Server):
@@ -289,6 +519,9 @@ class TcpServer(Server):
     """
 
     transport_name = "tcp"
+    # close() ends the connection of a request it cancelled: its caller gets
+    # ConnectionClosedError at once, as from a NestJS server that closes.
+    reply_when_cancelled = False
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -297,12 +530,14 @@ class TcpServer(Server):
         self.ssl: ssl.SSLContext | None = self.options.get("ssl")
         self._limits = _limits(self.options)
         self._server: asyncio.Server | None = None
+        self._closing = False
         # asyncio's Server.close() stops accepting but leaves established
         # connections open; they are tracked so close() can end them too.
-        self._connections: set[TcpConnection] = set()
+        self._connections: set[_ServedConnection] = set()
 
     async def listen(self) -> None:
         loop = asyncio.get_running_loop()
+        self._closing = False
         self._server = await loop.create_server(
             self._accept,
             self.host,
@@ -316,8 +551,8 @@ class TcpServer(Server):
         return f"{self.host}:{self.port}"
 
     def _accept(self) -> TcpConnection:
-        conn = TcpConnection(self._on_packet, self._on_lost, *self._limits)
-        self._connections.add(conn)
+        conn = _ServedConnection(self._on_packet, self._on_lost, *self._limits)
+        conn.server = self  # it adds itself to _connections once made
         return conn
 
     def _on_lost(self, conn: TcpConnection, exc: Exception | None) -> None:
@@ -328,32 +563,84 @@ class TcpServer(Server):
             self.logger.warning("dropped a packet from %s that is not a JSON object", conn.peer)
             return
         pattern = packet.get("pattern")
-        valid = type(pattern) in _PATTERN_TYPES
+        kind = type(pattern)
+        route: str | None
+        if kind not in _PATTERN_TYPES:
+            route = None  # no handler can match it
+        elif conn.decoder.saw_large_frame and kind is not int and kind is not float:
+            # Checked per read, not per packet: only a large frame can hold a
+            # pattern that is costly to route.
+            route = self._screened_route(pattern)
+        else:
+            route = route_of_incoming(pattern)
         ctx = TcpContext((conn, pattern, packet.get("metadata")))
         if "id" not in packet:  # only a missing id makes an event; "id": null is a request
-            if not valid:
-                self.logger.warning("dropped an event from %s without a valid pattern", conn.peer)
+            if route is None:
+                self.logger.warning("dropped an event from %s: no handler can match it", conn.peer)
                 return
-            self.handle_event(route_of_incoming(pattern), packet.get("data"), ctx)
+            self.handle_event(route, packet.get("data"), ctx)
             return
-        # A request with a pattern of the wrong type still gets an answer.
-        route = route_of_incoming(pattern) if valid else ""
-        self.handle_request(route, packet.get("data"), packet["id"], ctx, conn.write)
+        msg_id = packet["id"]
+        # Ids are strings in practice, so only others pay for this check.
+        if type(msg_id) is not str and not _echoable(msg_id):
+            conn.abort(f"{conn.peer} sent a request id that cannot be written back as JSON")
+            return
+        # A request whose pattern matches nothing still gets an answer: Nest's
+        # no-handler error, carrying its id.
+        self.handle_request(route, packet.get("data"), msg_id, ctx, conn.write)
+
+    def _screened_route(self, pattern: Any) -> str | None:
+        """The route of a pattern from a large frame, or None if it can match nothing.
+
+        Routing costs Python-speed work per character of a pattern's keys and
+        the route caches keep what they are given: megabyte keys stalled the
+        loop for seconds and pinned gigabytes.  A route contains every key and
+        string of its pattern, so one costlier than the longest registered
+        route matches none of them, and is dropped unrouted.
+        """
+        budget = max(LARGE_FRAME, *map(len, self.message_handlers), *map(len, self.event_handlers))
+        if type(pattern) is str:
+            if pattern[:1] != "{":
+                return pattern  # its own route: nothing cached, nothing walked
+            if len(pattern) <= budget:
+                return route_of_incoming(pattern)
+            try:
+                parsed = _loads(pattern)
+            except (ValueError, RecursionError):
+                return pattern  # not JSON: matched as it is, as Nest does
+            if _route_cost(parsed, budget) > budget:
+                return None
+            return normalize_pattern(parsed)  # uncached: the cache would keep the long text
+        if _route_cost(pattern, budget) > budget:
+            return None
+        return route_of_incoming(pattern)
 
     async def close(self) -> None:
-        if self._server is None:
+        """Stop accepting at once, let running handlers finish and their replies
+        go out (within ``close_grace``), then close every connection."""
+        server, self._server = self._server, None  # a second close() has nothing to do
+        if server is None:
             return
-        self._server.close()
+        self._closing = True
+        server.close()  # from here on, a new connection is refused
         for conn in self._connections:  # no new requests while draining
             if conn.transport is not None:
                 conn.transport.pause_reading()
         await self.drain()
         for conn in list(self._connections):
             if conn.transport is not None:
-                conn.transport.close()
-        await self._server.wait_closed()
-        self._server = None
-        await asyncio.sleep(0)  # let the transports finish closing
+                conn.transport.close()  # sends what is buffered first
+        # Return only once they are closed, so no socket outlives close(): a
+        # TLS goodbye takes a round trip, a peer that does not read holds the
+        # flush.  Bounded, then aborted.
+        gone = [conn.gone for conn in self._connections if conn.gone is not None]
+        if gone:
+            await asyncio.wait(gone, timeout=CLOSE_FLUSH_TIMEOUT)
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # an abort's connection_lost runs on the next pass
 
 
 class TcpClient(ClientProxy):
@@ -371,7 +658,7 @@ class TcpClient(ClientProxy):
         self.port: int = int(self.options.get("port", DEFAULT_PORT))
         self.ssl: ssl.SSLContext | None = self.options.get("ssl")
         self._limits = _limits(self.options)
-        self._conn: TcpConnection | None = None
+        self._conn: _EndedConnection | None = None
 
     def describe(self) -> str:
         return f"tcp://{self.host}:{self.port}"
@@ -379,7 +666,7 @@ class TcpClient(ClientProxy):
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(
-            lambda: TcpConnection(self._on_packet, self._on_lost, *self._limits),
+            lambda: _EndedConnection(self._on_packet, self._on_lost, *self._limits),
             self.host,
             self.port,
             ssl=self.ssl,
@@ -392,13 +679,21 @@ class TcpClient(ClientProxy):
 
     def _on_lost(self, conn: TcpConnection, exc: Exception | None) -> None:
         if conn is self._conn:
+            reason = self._conn.reason
             self._conn = None
-            self._on_connection_lost(exc)
+            self._on_connection_lost(exc or (ConnectionError(reason) if reason else None))
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and conn.transport is not None:
-            conn.transport.close()
+        if conn is None or conn.transport is None:
+            return
+        conn.transport.close()
+        # Return once the socket is really closed (a TLS goodbye takes a round
+        # trip), so none outlives close(); bounded, then aborted.
+        assert conn.gone is not None  # set by connection_made, before _connect returned
+        await asyncio.wait([conn.gone], timeout=CLOSE_FLUSH_TIMEOUT)
+        if not conn.gone.done():
+            conn.transport.abort()
             await asyncio.sleep(0)
 
     def _publish(self, pattern: Any, data: Any, msg_id: str) -> None:
