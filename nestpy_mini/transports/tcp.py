@@ -33,7 +33,7 @@ _MAX_PREFIX_DIGITS = 12
 # Frames longer than this (UTF-16 units) are flagged by the decoder so the
 # server can screen their patterns; shorter ones cannot carry a costly one.
 LARGE_FRAME = 256
-# Made once: looking the codec up costs more than decoding a small frame.
+# Looked up once: the old code looked it up for every non-ASCII frame.
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _STRICT, _LENIENT = 1, 2  # how a non-ASCII frame is being scanned (0: not at all)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
