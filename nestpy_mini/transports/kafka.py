@@ -1173,6 +1173,7 @@ class KafkaClient(ClientProxy):
 
     @staticmethod
     async def _resend(producer: AIOKafkaProducer, record: tuple[Any, ...]) -> None:
+        """Send one record and wait until the broker has it (events and resends)."""
         topic, value, key, partition, timestamp, headers = record
         delivery = await producer.send(
             topic,
@@ -1192,15 +1193,7 @@ class KafkaClient(ClientProxy):
                 producer = self._producer
                 if producer is None:
                     raise ConnectionError(f"not connected to {self.describe()}")
-                delivery = await producer.send(
-                    topic,
-                    _NULL if value is None else value,
-                    key=key,
-                    partition=partition,
-                    timestamp_ms=timestamp,
-                    headers=headers,
-                )
-                await delivery
+                await self._resend(producer, (topic, value, key, partition, timestamp, headers))
         except TimeoutError as exc:
             raise ConnectionError(
                 f"could not publish to {topic!r} on {self.describe()} within {self.timeout:g} s: "
