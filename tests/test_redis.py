@@ -563,3 +563,52 @@ async def test_retry_attempts_bound_the_resubscribing(caplog: pytest.LogCaptureF
     finally:
         await server.close()
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_refused_publish_fails_that_request_only() -> None:
+    """One PUBLISH the broker refuses fails its own request at once; the connection goes on."""
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", brokers.free_port())
+    admin = Redis.from_url(broker.url, protocol=2)
+    await admin.execute_command(
+        "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&allowed*", "&forbidden.reply",
+        "+@all",
+    )  # fmt: skip
+    server = RedisServer({"url": broker.url, "close_grace": 0.2})
+    server.add_handler("allowed", lambda data: sum(data), is_event=False)
+    client = RedisClient({"url": broker.url.replace("redis://", "redis://limited:pw@")})
+    try:
+        await server.listen()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionError, match=r"could not publish .*No permissions"):
+            await client.send("forbidden", [1])
+        assert loop.time() - started < 1.0  # refused, not timed out
+        results = await asyncio.gather(*(client.send("allowed", [i, 1]) for i in range(20)))
+        assert results == [i + 1 for i in range(20)]
+    finally:
+        await client.close()
+        await server.close()
+        await admin.aclose()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_a_publish_the_broker_never_confirms_fails_within_command_timeout() -> None:
+    """Writes do not wait for the broker's confirmations, so a watchdog bounds them."""
+    broker = await asyncio.to_thread(brokers.start_embedded, "redis", brokers.free_port())
+    admin = Redis.from_url(broker.url, protocol=2)
+    client = RedisClient({"url": broker.url, "command_timeout": 0.3, "timeout": 5})
+    try:
+        await client.emit("audit", {"n": 1})  # confirmed: the broker is fine
+        # PUBLISH is a write: paused, it is neither answered nor refused.
+        await admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError, match=r"no answer from redis to PUBLISH within 0\.3 s"):
+            await client.emit("audit", {"n": 2})
+        assert 0.3 <= loop.time() - started < 1.0
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await client.emit("audit", {"n": 3})  # a new connection, made on the next write
+    finally:
+        await client.close()
+        await admin.aclose()
+        await asyncio.to_thread(broker.stop)
