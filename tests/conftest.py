@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from private_rabbit import PrivateRabbit, rabbit_missing
 
 from nestpy_mini import (
     ClientProxy,
@@ -93,3 +94,27 @@ def broker_url() -> Callable[[str], str]:
             pytest.skip(str(exc))
 
     return get
+
+
+# The RabbitMQ restart test's private node boots in about 6 s: it starts as
+# soon as collection shows the test will run, and boots while others run.
+_rabbit: PrivateRabbit | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _rabbit
+    wanted = any(i.nodeid.endswith("test_rmq.py::test_broker_restart") for i in session.items)
+    if wanted and rabbit_missing() is None:
+        _rabbit = PrivateRabbit()
+        _rabbit.start_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _rabbit is not None:
+        _rabbit.close()
+
+
+@pytest.fixture(scope="session")
+def private_rabbit() -> PrivateRabbit | None:
+    """The restart test's RabbitMQ node, already booting; None where it cannot run."""
+    return _rabbit
