@@ -170,6 +170,8 @@ async def _client(args: argparse.Namespace) -> int:
         "latency_ns": samples,
         "errors": wrong_pool + wrong_seq,
         "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Where it was allowed to run: shows that the orchestrator's pinning took.
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
     print(json.dumps(result, separators=(",", ":")), flush=True)
     return 0
@@ -244,7 +246,11 @@ class Children:
         self.pids: list[int] = []
         self.logs: dict[int, Path] = {}
 
-    async def spawn(self, argv: list[str], cwd: Path, name: str) -> asyncio.subprocess.Process:
+    async def spawn(
+        self, argv: list[str], cwd: Path, name: str, cpu: int | None = None
+    ) -> asyncio.subprocess.Process:
+        if cpu is not None:  # taskset pins the process and every thread it starts
+            argv = [_which("taskset") or "taskset", "-c", str(cpu), *argv]
         log = self.logdir / f"{len(self.pids):03d}-{name}.log"
         with log.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
@@ -314,6 +320,7 @@ class Runner:
         self.node = _which("node") or "node"
         total = args.requests + args.warmup + args.latency
         self.client_timeout = args.pair_timeout or 60.0 + total * 0.005
+        self.server_cpu, self.client_cpu = placement(args.pin) or (None, None)
 
     def _endpoint(self, transport: str, port: int) -> list[str]:
         if transport == "tcp":
@@ -326,11 +333,13 @@ class Runner:
         endpoint = self._endpoint(transport, 0)
         if impl == "nest":
             argv = [self.node, "bench_server.mjs", "--transport", transport, *endpoint]
-            proc = await self.children.spawn(argv, NEST_DIR, f"nest-server-{transport}")
+            proc = await self.children.spawn(
+                argv, NEST_DIR, f"nest-server-{transport}", self.server_cpu
+            )
         else:
             argv = [sys.executable, "-m", "nestpy_mini.bench", "serve"]
             argv += ["--transport", transport, *endpoint, *self.loop_flag]
-            proc = await self.children.spawn(argv, REPO, f"py-server-{transport}")
+            proc = await self.children.spawn(argv, REPO, f"py-server-{transport}", self.server_cpu)
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
@@ -363,11 +372,13 @@ class Runner:
         if impl == "nest":
             argv = [self.node, "bench_client.mjs", "--transport", transport, *endpoint, *phases]
             argv += ["--deadline", f"{self.client_timeout + 10:.0f}"]
-            proc = await self.children.spawn(argv, NEST_DIR, f"nest-client-{transport}")
+            proc = await self.children.spawn(
+                argv, NEST_DIR, f"nest-client-{transport}", self.client_cpu
+            )
         else:
             argv = [sys.executable, "-m", "nestpy_mini.bench", "client"]
             argv += ["--transport", transport, *endpoint, *phases, *self.loop_flag]
-            proc = await self.children.spawn(argv, REPO, f"py-client-{transport}")
+            proc = await self.children.spawn(argv, REPO, f"py-client-{transport}", self.client_cpu)
         try:
             assert proc.stdin is not None
             proc.stdin.close()
@@ -409,7 +420,22 @@ class Runner:
             "server_rss_mb": rss,
             "server_peak_rss_mb": hwm,
             "client_peak_rss_mb": result.get("client_peak_rss_mb"),
+            "client_cpus": result.get("cpus"),  # only nestpy_mini's client reports them
         }
+
+
+def placement(pin: bool) -> tuple[int, int] | None:
+    """(server CPU, client CPU) when pinning, else None (the scheduler decides).
+
+    Left to the scheduler, a server and its client sometimes share a core
+    and sometimes do not, and on this kind of machine that alone moved a
+    pair's sequential latency between 65 and 150 µs from one round to the
+    next.  Every pair gets the same two cores instead; brokers stay unpinned.
+    """
+    if not pin or not hasattr(os, "sched_getaffinity") or _which("taskset") is None:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
 
 
 def _percentile(samples: list[int], p: float) -> float:
@@ -729,6 +755,7 @@ def _save(path: Path, results: dict[str, Any]) -> Path:
 
 def header_lines(results: dict[str, Any]) -> list[str]:
     m, s = results["machine"], results["settings"]
+    place = s.get("placement")
     code = f"nestpy_mini {m['nestpy_mini']}"
     if m["git_commit"]:
         code += f" at git {m['git_commit']}" + (" + uncommitted changes" if m["git_dirty"] else "")
@@ -750,6 +777,13 @@ def header_lines(results: dict[str, Any]) -> list[str]:
         "order rotating each round"
         if s["rounds"] > 1
         else "           1 round",
+        "placement: "
+        + (
+            f"every server on CPU {place['server_cpu']}, every client on CPU "
+            f"{place['client_cpu']} (taskset; --no-pin leaves it to the scheduler)"
+            if place
+            else "left to the scheduler"
+        ),
         f"load:      average {results['load_before']} (1, 5, 15 min) at the start",
     ]
     for transport, source in results["brokers"].items():
@@ -819,6 +853,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         print("nothing to measure", file=sys.stderr)
         return 2
 
+    cpus = placement(args.pin)
     results: dict[str, Any] = {
         "schema": 1,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -833,6 +868,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
             "transports": transports,
             "pairs": args.pairs,
             "quick": args.quick,
+            "placement": {"server_cpu": cpus[0], "client_cpu": cpus[1]} if cpus else None,
             "pattern": PATTERN,
             "data": DATA,
             "units": {
@@ -967,6 +1003,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--uvloop",
         action="store_true",
         help="run the nestpy_mini sides on uvloop (pip install 'nestpy-mini[fast]')",
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the scheduler place servers and clients (default: one CPU each)",
     )
     parser.add_argument("--save", default=str(DEFAULT_SAVE), help="where the JSON results go")
     parser.add_argument("--redis-url", default=None, help="use this Redis, not a private one")

@@ -82,3 +82,19 @@ def test_no_benchmark_process_is_left(quick_run: tuple[subprocess.CompletedProce
     # Two servers and two clients of each implementation, all started and stopped.
     assert len(results["child_pids"]) == 8
     assert [pid for pid in results["child_pids"] if _alive(pid)] == []
+
+
+@pytest.mark.skipif(
+    len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="pinning needs 2 CPUs"
+)
+def test_every_server_and_every_client_gets_its_own_cpu(
+    quick_run: tuple[subprocess.CompletedProcess, dict],
+) -> None:
+    proc, results = quick_run
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    assert results["settings"]["placement"] == {"server_cpu": first, "client_cpu": second}
+    assert f"every server on CPU {first}, every client on CPU {second}" in proc.stdout
+    # nestpy_mini's client reports where it was allowed to run: the pinning took.
+    py_clients = [row for row in results["raw"] if row["client"] == "nestpy_mini"]
+    assert len(py_clients) == 2
+    assert all(row["client_cpus"] == [second] for row in py_clients)
