@@ -836,6 +836,12 @@ async def orchestrate(args: argparse.Namespace) -> int:
     import tempfile
 
     began = time.monotonic()
+    if args.uvloop:
+        try:
+            import uvloop  # noqa: F401  (only checked here; each side imports its own)
+        except ImportError:
+            print("--uvloop needs uvloop: pip install 'nestpy-mini[fast]'", file=sys.stderr)
+            return 2
     why = nest_missing()
     if why:
         print(f"cannot benchmark against NestJS: {why}", file=sys.stderr)

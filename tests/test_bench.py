@@ -98,3 +98,18 @@ def test_every_server_and_every_client_gets_its_own_cpu(
     py_clients = [row for row in results["raw"] if row["client"] == "nestpy_mini"]
     assert len(py_clients) == 2
     assert all(row["client_cpus"] == [second] for row in py_clients)
+
+
+def test_uvloop_missing_is_one_clear_line_before_anything_starts(tmp_path: Path) -> None:
+    (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nestpy_mini.bench", "--quick", "--uvloop", "--save", "unused"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "--uvloop needs uvloop: pip install 'nestpy-mini[fast]'"
+    assert proc.stdout == ""  # no pair was started
