@@ -156,6 +156,15 @@ async def _close_raw_sockets() -> AsyncIterator[None]:
         await Raw.opened.pop().close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick_gc() -> Iterator[None]:
+    """Keeps the per-test ``gc.collect()`` below cheap: everything alive before this
+    module is set aside, which took a full collection from 0.18 s to a few ms."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def _no_unhandled_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Nothing may reach asyncio's own error log: that is a crash the server survived by luck."""
