@@ -312,7 +312,13 @@ class Children:
 class Runner:
     """Runs one pair: a server, a client against it, the server's RSS, then stop both."""
 
-    def __init__(self, args: argparse.Namespace, children: Children, urls: dict[str, str]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        children: Children,
+        urls: dict[str, str],
+        cpus: tuple[int, int] | None,
+    ) -> None:
         self.loop_flag = ["--uvloop"] if args.uvloop else []
         self.args = args
         self.children = children
@@ -320,7 +326,7 @@ class Runner:
         self.node = _which("node") or "node"
         total = args.requests + args.warmup + args.latency
         self.client_timeout = args.pair_timeout or 60.0 + total * 0.005
-        self.server_cpu, self.client_cpu = placement(args.pin) or (None, None)
+        self.server_cpu, self.client_cpu = cpus or (None, None)
 
     def _endpoint(self, transport: str, port: int) -> list[str]:
         if transport == "tcp":
@@ -907,7 +913,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
             for line in header_lines(results):
                 print(line)
             sys.stdout.flush()
-            runner = Runner(args, children, urls)
+            runner = Runner(args, children, urls, cpus)
             steps = args.rounds * len(transports) * len(args.pairs)
             bar = _progress(steps + 1)
             bar.set_description("import time")

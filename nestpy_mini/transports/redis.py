@@ -235,7 +235,7 @@ class _Publisher:
         self._unacked.extend(tokens)
         self._all_acked.clear()
         if self._watchdog is None:
-            self._watch(-1)
+            self._arm_watchdog()
         try:
             commands = [command for command, _ in batch]
             await _bounded(
@@ -279,17 +279,20 @@ class _Publisher:
             if not unacked:
                 self._all_acked.set()
 
+    def _arm_watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self._limits.io, self._watch, self._acked)
+
     def _watch(self, seen: int) -> None:
-        """Every ``io`` seconds while replies are owed: some must have come."""
+        """Every ``io`` seconds while replies are owed: some must have come since."""
         self._watchdog = None
         if not self._unacked:
-            return
+            return  # the next write arms it again
         if self._acked == seen:
             within = self._limits.io
             self._lost(TimeoutError(f"no answer from redis to PUBLISH within {within:g} s"))
             return
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(self._limits.io, self._watch, self._acked)
+        self._arm_watchdog()
 
     def _lost(self, exc: BaseException) -> None:
         """The connection failed: everything written and not confirmed fails with ``exc``.
