@@ -12,8 +12,16 @@ import json
 from typing import Any
 
 _WS = " \t\n\r"
+
+
+def _not_json(name: str) -> Any:
+    # Python's parser takes NaN and Infinity; JSON.parse refuses them, so a
+    # NestJS peer would drop such a frame, and so do we.
+    raise ValueError(f"{name} is not JSON")
+
+
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_decoder = json.JSONDecoder()
+_decoder = json.JSONDecoder(parse_constant=_not_json)
 
 
 def dumps(obj: Any) -> str:

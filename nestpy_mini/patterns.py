@@ -9,11 +9,12 @@ point, which matters as soon as keys mix case, digits and underscores.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
+
+from .codec import loads
 
 Pattern = str | int | float | dict[str, Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -138,8 +139,8 @@ def route_of_incoming(pattern: Any) -> str:
 def _route_uncached(pattern: Any) -> str:
     if isinstance(pattern, str):
         try:
-            pattern = json.loads(pattern)
-        except ValueError:
+            pattern = loads(pattern)
+        except (ValueError, RecursionError):  # not JSON: matched as it is, as in Nest
             return pattern
     return normalize_pattern(pattern)
 

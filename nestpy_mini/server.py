@@ -341,7 +341,7 @@ class Server:
         try:
             return reply({"err": err, "isDisposed": True, "id": msg_id})
         except _UNWRITABLE:
-            # The id itself cannot be written (NaN, nested too deep), so no
+            # The id itself cannot be written (1e999, nested too deep), so no
             # reply can carry it.  Raised on, it would end the task or read
             # that sent it; TCP closes such a connection before it gets here.
             self.logger.error("no reply can carry the id %.200r; dropped", msg_id)

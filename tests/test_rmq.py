@@ -459,12 +459,11 @@ async def test_bad_input_is_dropped_and_the_server_keeps_serving(
             b'{"foo":1}',
             b'{"pattern":{"cmd":"sum"},"data":[1],"id":"no-reply-to"}',
             b'{"pattern":[1,true],"data":1,"id":"odd-pattern"}',
-            b'{"pattern":NaN,"data":1}',  # Python's json reads NaN; it cannot be echoed
+            b'{"pattern":NaN,"data":1}',  # not JSON, as JSON.parse has it
         ):
             await exchange.publish(aio_pika.Message(body), routing_key=queue)
         assert await client.send({"cmd": "sum"}, [2, 2]) == 4
-    assert caplog.text.count("that is not a Nest packet") == 3
-    assert "Out of range float values" in caplog.text  # the NaN pattern, logged once
+    assert caplog.text.count("that is not a Nest packet") == 4
     assert "has no reply_to" in caplog.text
 
 

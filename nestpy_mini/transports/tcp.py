@@ -449,9 +449,9 @@ def _echoable(msg_id: Any) -> bool:
     """Whether a (non-string) request id can be written back as it came.
 
     Nest echoes any id, an object or an array too, and so do we.  Two kinds
-    cannot be written: NaN and ±Infinity, which Python's parser accepts but
-    ``JSON.parse`` rejects (Nest closes the connection on such a frame), and
-    a container nested deeper than ``_MAX_ID_DEPTH``.
+    cannot be written: a number past a float's range (``1e999`` parses as
+    infinity, which JSON cannot hold), and a container nested deeper than
+    ``_MAX_ID_DEPTH``.  (NaN and Infinity themselves never parse, as in Nest.)
     """
     kind = type(msg_id)
     if kind is float:
