@@ -9,8 +9,10 @@ point, which matters as soon as keys mix case, digits and underscores.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Callable
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -70,11 +72,43 @@ def _js_string(value: Any) -> str:
         return "false"
     if value is None:
         return "null"
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e21:
+    if isinstance(value, int | float):
+        # Below 2**53 every integer is exact in a double and prints as itself.
+        if abs(value) < 2**53 and (type(value) is int or value.is_integer()):
             return str(int(value))
-        return repr(value)
+        try:
+            return _js_number(float(value))  # JSON.parse reads every number as a double
+        except OverflowError:  # an int past a double's range: Infinity to JavaScript
+            return "Infinity" if value > 0 else "-Infinity"
     return str(value)
+
+
+def _js_number(value: float) -> str:
+    """A float as JavaScript's ``Number#toString`` writes it.
+
+    Both languages print the shortest digits that read back the same number,
+    but place the point differently: JavaScript writes ``0.00001`` and
+    ``1e-7`` where Python writes ``1e-05`` and ``1e-07``, and ``Infinity``
+    where Python writes ``inf``.
+    """
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    _, digit_tuple, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    k, n = len(digits), int(exponent) + len(digits)  # value = 0.<digits> * 10**n
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return f"{sign}{digits[:n]}.{digits[n:]}"
+    if -6 < n <= 0:
+        return f"{sign}0.{'0' * -n}{digits}"
+    mantissa = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
+    return f"{sign}{mantissa}e{'+' if n > 0 else '-'}{abs(n - 1)}"
 
 
 def normalize_pattern(pattern: Any, depth: int = 0) -> str:

@@ -76,6 +76,7 @@ def test_a_string_pattern_json_parse_refuses_is_matched_as_it_is() -> None:
     # Python's own parser would read it and reorder the keys.
     for text in ('{"z":NaN,"a":"x"}', '{"z":-Infinity,"a":"x"}'):
         assert route_of_incoming(text) == text
+    assert route_of_incoming('{"z":1e999,"a":"x"}') == '{"a":"x","z":Infinity}'
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -93,3 +94,22 @@ def test_random_ascii_keys_sort_exactly_as_node_does() -> None:
         ["node", "-e", script], input=json.dumps(keys), capture_output=True, text=True, check=True
     )
     assert sorted(keys, key=collation_key) == json.loads(node.stdout)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_float_values_in_a_route_are_written_as_javascript_writes_them() -> None:
+    rng = random.Random(7)
+    values = [0.1, -2.5, 1e21, 1.5e300, 1e-7, 0.000001, 0.00001, 123456.789, -1e-300, 5e-324]
+    values += [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30) for _ in range(300)]
+    values += [2**53 + 1, -(10**22) - 7, 12345678901234567890123]  # ints past a double's digits
+    script = (
+        "const v=JSON.parse(require('fs').readFileSync(0,'utf8'));"
+        "process.stdout.write(JSON.stringify(v.map(String)))"
+    )
+    node = subprocess.run(
+        ["node", "-e", script], input=json.dumps(values), capture_output=True, text=True, check=True
+    )
+    routes = [normalize_pattern({"v": value}) for value in values]
+    assert routes == ['{"v":' + text + "}" for text in json.loads(node.stdout)]
+    assert normalize_pattern({"v": float("inf")}) == '{"v":Infinity}'
+    assert normalize_pattern({"v": 10**400}) == '{"v":Infinity}'
