@@ -140,9 +140,11 @@ def normalize_pattern(pattern: Any, depth: int = 0) -> str:
 
 # Routes of recent incoming patterns.  Normalizing sorts keys by collation on
 # every message, which is most of the dispatch cost; the cache is bounded
-# because patterns come from clients, who could send endless new ones.
+# because patterns come from clients, who could send endless new ones, and
+# keeps only short ones, or 1,024 megabyte patterns would pin gigabytes.
 _ROUTE_CACHE: dict[Any, str] = {}
 _ROUTE_CACHE_SIZE = 1024
+_CACHED_ROUTE_CHARS = 1024  # real routes are far shorter
 
 
 def route_of_incoming(pattern: Any) -> str:
@@ -164,9 +166,12 @@ def route_of_incoming(pattern: Any) -> str:
     route = _ROUTE_CACHE.get(key)
     if route is None:
         route = _route_uncached(pattern)
-        if len(_ROUTE_CACHE) >= _ROUTE_CACHE_SIZE:
-            _ROUTE_CACHE.clear()
-        _ROUTE_CACHE[key] = route
+        # A route holds every key and string value of its pattern, so its
+        # length bounds a dict key's too; a string key may be longer.
+        if len(route) <= _CACHED_ROUTE_CHARS and len(key) <= _CACHED_ROUTE_CHARS:
+            if len(_ROUTE_CACHE) >= _ROUTE_CACHE_SIZE:
+                _ROUTE_CACHE.clear()
+            _ROUTE_CACHE[key] = route
     return route
 
 

@@ -7,6 +7,7 @@ import random
 import shutil
 import string
 import subprocess
+import tracemalloc
 
 import pytest
 
@@ -113,3 +114,20 @@ def test_float_values_in_a_route_are_written_as_javascript_writes_them() -> None
     assert routes == ['{"v":' + text + "}" for text in json.loads(node.stdout)]
     assert normalize_pattern({"v": float("inf")}) == '{"v":Infinity}'
     assert normalize_pattern({"v": 10**400}) == '{"v":Infinity}'
+
+
+def test_long_incoming_patterns_are_routed_but_not_kept() -> None:
+    """A broker peer can send any pattern; routing must not keep what it sends."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            text = json.dumps({"pad": "x" * 50_000, "cmd": str(i)}, separators=(",", ":"))
+            assert route_of_incoming(text).startswith(f'{{"cmd":"{i}"')
+            assert route_of_incoming({"cmd": str(i), "pad": "y" * 50_000}).endswith('y"}')
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000  # 200 of each would be 40 MB
+    short = {"cmd": "kept"}
+    assert route_of_incoming(short) is route_of_incoming(dict(short))  # short ones are cached
