@@ -43,6 +43,26 @@ class FaultController:
         await asyncio.sleep(data.get("delay", 0))
         return {"token": data["token"], "sum": sum(data["nums"])}
 
+    def __init__(self) -> None:
+        self._arrived: dict[Any, int] = {}
+        self._all_in: dict[Any, asyncio.Event] = {}
+
+    @MessagePattern({"cmd": "hold"})
+    async def hold(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``echo``, once ``data["of"]`` requests of ``data["round"]`` have all arrived:
+        the load test needs every request of a burst held at once, whatever the timing."""
+        key = data["round"]
+        self._arrived[key] = self._arrived.get(key, 0) + 1
+        all_in = self._all_in.setdefault(key, asyncio.Event())
+        if self._arrived[key] >= data["of"]:
+            all_in.set()
+            del self._arrived[key], self._all_in[key]
+        try:
+            await asyncio.wait_for(all_in.wait(), 20)
+        except TimeoutError:
+            raise RpcException(f"only some of round {key}'s requests arrived") from None
+        return await self.echo(data)
+
     @MessagePattern({"cmd": "hang"})
     async def hang(self, data: object) -> None:
         await asyncio.sleep(3600)

@@ -19,11 +19,13 @@ from nestpy_mini import ClientProxy, ClientProxyFactory, Transport
 
 CLIENTS = 20
 PER_CLIENT = 500
-ECHO = {"cmd": "echo"}
+# The server holds every request of a burst until all have arrived, so the
+# burst's peak is the same whatever the machine's timing.
+HOLD = {"cmd": "hold"}
 # RSS the server may keep after a burst, over its baseline.  A burst of
-# 10,000 waiting requests takes ~33 MB; CPython's allocator keeps some arenas
+# 10,000 waiting requests takes ~36 MB; CPython's allocator keeps some arenas
 # and the high-water tables (the task sets) afterwards: 3-10 MB here, varying
-# run to run.  Keeping every request's state would keep all ~33 MB, so both
+# run to run.  Keeping every request's state would keep all ~36 MB, so both
 # bounds below fail on that, with room for the allocator's noise.
 KEPT_BOUND_MB = 15.0
 KEPT_SHARE = 0.4  # of what the burst added at its peak
@@ -64,11 +66,14 @@ async def burst(clients: list[ClientProxy], round_no: int, delay: bool = True) -
         token = f"r{round_no}-c{c}-i{i}"
         nums = [round_no, c, i, 1000 * c + i]
         # 0-9 ms in the handler: replies come back out of order, across clients.
+        delay_s = (i % 10) / 1000 if delay else 0
         reply = await client.send(
-            ECHO, {"token": token, "nums": nums, "delay": (i % 10) / 1000 if delay else 0}
+            HOLD,
+            {"token": token, "nums": nums, "delay": delay_s, "round": round_no, "of": total},
         )
         assert reply == {"token": token, "sum": sum(nums)}, (token, reply)
 
+    total = len(clients) * PER_CLIENT
     started = time.perf_counter()
     await asyncio.gather(
         *(one(c, client, i) for c, client in enumerate(clients) for i in range(PER_CLIENT))
