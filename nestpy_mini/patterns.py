@@ -33,7 +33,6 @@ _ICU_ASCII_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmno
 _PRIMARY = {c: i for i, c in enumerate(_ICU_ASCII_ORDER)}
 
 
-@lru_cache(maxsize=4096)
 def collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """A sort key that orders strings as ``a.localeCompare(b)`` does in Node.
 
@@ -58,6 +57,20 @@ def collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
         secondary.append(sum(ord(m) for m in marks))
         tertiary.append(1 if base != base_lower else 0)
     return tuple(primary), tuple(secondary), tuple(tertiary)
+
+
+_cached_collation_key = lru_cache(maxsize=4096)(collation_key)
+# Keys longer than this are sorted without the cache.  Keys come from peers,
+# and a key's sort key holds three tuples as long as the key: cached, 4,096
+# keys of 100 KB would pin 10 GB.  Real keys are a few characters.
+_CACHED_KEY_CHARS = 64
+
+
+def _sort_key(key: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    text = str(key)
+    if len(text) <= _CACHED_KEY_CHARS:
+        return _cached_collation_key(text)
+    return collation_key(text)
 
 
 def _escape(text: str) -> str:
@@ -129,7 +142,7 @@ def normalize_pattern(pattern: Any, depth: int = 0) -> str:
     if len(pattern) > MAX_KEYS:
         return "[TOO_MANY_KEYS]"
     parts = []
-    for key in sorted(pattern, key=lambda k: collation_key(str(k))):
+    for key in sorted(pattern, key=_sort_key):
         value = pattern[key]
         if isinstance(value, str):
             parts.append(f'"{_escape(str(key))}":"{_escape(value)}"')
