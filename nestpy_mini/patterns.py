@@ -33,7 +33,7 @@ _ICU_ASCII_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmno
 _PRIMARY = {c: i for i, c in enumerate(_ICU_ASCII_ORDER)}
 
 
-def collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def _collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """A sort key that orders strings as ``a.localeCompare(b)`` does in Node.
 
     ICU compares whole strings level by level: base letters first, then
@@ -59,7 +59,7 @@ def collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
     return tuple(primary), tuple(secondary), tuple(tertiary)
 
 
-_cached_collation_key = lru_cache(maxsize=4096)(collation_key)
+collation_key = lru_cache(maxsize=4096)(_collation_key)
 # Keys longer than this are sorted without the cache.  Keys come from peers,
 # and a key's sort key holds three tuples as long as the key: cached, 4,096
 # keys of 100 KB would pin 10 GB.  Real keys are a few characters.
@@ -69,8 +69,8 @@ _CACHED_KEY_CHARS = 64
 def _sort_key(key: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     text = str(key)
     if len(text) <= _CACHED_KEY_CHARS:
-        return _cached_collation_key(text)
-    return collation_key(text)
+        return collation_key(text)
+    return _collation_key(text)
 
 
 def _escape(text: str) -> str:
