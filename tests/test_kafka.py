@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from conftest import wait_until
+from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxyFactory,
@@ -65,7 +66,7 @@ calls: list[Any] = []
 
 
 @Controller()
-class AppController:
+class AppController(shared_handlers(lambda name: T + name, lambda name: T + name)):
     @MessagePattern(T + "sum")
     def sum(self, data: list[int]) -> int:
         calls.append("sum")
@@ -92,25 +93,9 @@ class AppController:
         await asyncio.sleep(0.001)
         raise RpcException("mid-stream")
 
-    @MessagePattern(T + "hang")
-    async def hang(self, data: Any) -> None:
-        await asyncio.sleep(30)
-
     @MessagePattern(T + "nothing")
     def nothing(self, data: Any) -> None:
         return None
-
-    @MessagePattern(T + "rpc_str")
-    def rpc_str(self, data: Any) -> None:
-        raise RpcException("bad thing")
-
-    @MessagePattern(T + "rpc_obj")
-    def rpc_obj(self, data: Any) -> None:
-        raise RpcException({"code": 42, "message": "custom"})
-
-    @MessagePattern(T + "boom")
-    def boom(self, data: Any) -> None:
-        raise KeyError("secret detail")
 
     @MessagePattern(T + "ctx")
     def ctx(self, data: Any, ctx: KafkaContext) -> dict[str, Any]:
@@ -138,10 +123,6 @@ class AppController:
     async def also_on_user_created(self, data: Any) -> None:
         await ctx_free_sleep()
         events.append({"second": data})
-
-    @EventPattern(T + "explodes")
-    def explodes(self, data: Any) -> None:
-        raise RuntimeError("event handler failure")
 
     @EventPattern(T + "raw")
     def raw(self, data: Any, ctx: KafkaContext) -> None:

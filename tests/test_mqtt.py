@@ -17,6 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from conftest import wait_until
+from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxyFactory,
@@ -29,7 +30,6 @@ from nestpy_mini import (
     NestMicroservice,
     RequestTimeoutError,
     RpcError,
-    RpcException,
     Transport,
     brokers,
 )
@@ -52,7 +52,7 @@ calls: list[Any] = []
 
 
 @Controller()
-class AppController:
+class AppController(shared_handlers(lambda name: T + name, lambda name: T + name)):
     @MessagePattern(T + "sum")
     def sum(self, data: list[int]) -> int:
         calls.append(("sum", id(self)))
@@ -62,33 +62,6 @@ class AppController:
     async def obj(self, data: Any, ctx: MqttContext) -> list[Any]:
         await asyncio.sleep(0.001)
         return [data, ctx.get_topic()]
-
-    @MessagePattern(T + "count")
-    async def count(self, n: int) -> AsyncIterator[int]:
-        for i in range(1, n + 1):
-            await asyncio.sleep(0.001)
-            yield i
-
-    @MessagePattern(T + "stream_err")
-    async def stream_err(self, data: Any) -> AsyncIterator[int]:
-        yield 1
-        raise RpcException("mid-stream")
-
-    @MessagePattern(T + "hang")
-    async def hang(self, data: Any) -> None:
-        await asyncio.sleep(30)
-
-    @MessagePattern(T + "rpc_str")
-    def rpc_str(self, data: Any) -> None:
-        raise RpcException("bad thing")
-
-    @MessagePattern(T + "rpc_obj")
-    def rpc_obj(self, data: Any) -> None:
-        raise RpcException({"code": 42, "message": "custom"})
-
-    @MessagePattern(T + "boom")
-    def boom(self, data: Any) -> None:
-        raise KeyError("secret detail")
 
     @MessagePattern(T + "ctx")
     def ctx(self, data: Any, ctx: MqttContext) -> dict[str, Any]:
@@ -134,10 +107,6 @@ class AppController:
     @EventPattern(T + "logs/#")
     def logs(self, data: Any, ctx: MqttContext) -> None:
         events.append([ctx.get_topic(), data])
-
-    @EventPattern(T + "explodes")
-    def explodes(self, data: Any) -> None:
-        raise RuntimeError("event handler failure")
 
 
 @Module(controllers=[AppController])

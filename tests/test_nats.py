@@ -13,6 +13,7 @@ from typing import Any
 import nats
 import pytest
 from conftest import wait_until
+from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -26,7 +27,6 @@ from nestpy_mini import (
     NestMicroservice,
     RequestTimeoutError,
     RpcError,
-    RpcException,
     Transport,
     brokers,
 )
@@ -42,7 +42,7 @@ def p(cmd: str) -> dict[str, str]:
 
 
 @Controller()
-class AppController:
+class AppController(shared_handlers(p, lambda name: f"{name}.{RUN}")):
     @MessagePattern(p("sum"))
     def sum(self, data: list[int]) -> int:
         return sum(data or [])
@@ -55,33 +55,6 @@ class AppController:
     @MessagePattern(f"ping.{RUN}")
     def ping(self) -> str:
         return "pong"
-
-    @MessagePattern(p("count"))
-    async def count(self, n: int) -> AsyncIterator[int]:
-        for i in range(1, n + 1):
-            await asyncio.sleep(0.001)
-            yield i
-
-    @MessagePattern(p("stream_err"))
-    async def stream_err(self, data: object) -> AsyncIterator[int]:
-        yield 1
-        raise RpcException("mid-stream")
-
-    @MessagePattern(p("hang"))
-    async def hang(self, data: object) -> None:
-        await asyncio.sleep(30)
-
-    @MessagePattern(p("rpc_str"))
-    def rpc_str(self, data: object) -> None:
-        raise RpcException("bad thing")
-
-    @MessagePattern(p("rpc_obj"))
-    def rpc_obj(self, data: object) -> None:
-        raise RpcException({"code": 42, "message": "custom"})
-
-    @MessagePattern(p("boom"))
-    def boom(self, data: object) -> None:
-        raise KeyError("secret detail")
 
     @MessagePattern(p("unserializable"))
     def unserializable(self, data: object) -> object:
@@ -98,10 +71,6 @@ class AppController:
     @EventPattern(f"user_created.{RUN}")
     async def also_on_user_created(self, data: object, ctx: NatsContext) -> None:
         events.append({"second": data, "headers": ctx.get_headers()})
-
-    @EventPattern(f"explodes.{RUN}")
-    def explodes(self, data: object) -> None:
-        raise RuntimeError("event handler failure")
 
 
 @Module(controllers=[AppController])

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import wait_until
 from redis.asyncio import Redis
+from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -30,7 +31,6 @@ from nestpy_mini import (
     NestMicroservice,
     RequestTimeoutError,
     RpcError,
-    RpcException,
     Transport,
     brokers,
 )
@@ -51,7 +51,7 @@ events: list[Any] = []
 
 
 @Controller()
-class AppController:
+class AppController(shared_handlers(cmd, lambda name: f"{name}.{RUN}")):
     @MessagePattern(cmd("sum"))
     def sum(self, data: list[int]) -> int:
         calls.append("sum")
@@ -61,33 +61,6 @@ class AppController:
     async def async_sum(self, data: list[int]) -> int:
         await asyncio.sleep(0.001)
         return sum(data)
-
-    @MessagePattern(cmd("count"))
-    async def count(self, n: int) -> AsyncIterator[int]:
-        for i in range(1, n + 1):
-            await asyncio.sleep(0.001)
-            yield i
-
-    @MessagePattern(cmd("stream_err"))
-    async def stream_err(self, data: object) -> AsyncIterator[int]:
-        yield 1
-        raise RpcException("mid-stream")
-
-    @MessagePattern(cmd("hang"))
-    async def hang(self, data: object) -> None:
-        await asyncio.sleep(30)
-
-    @MessagePattern(cmd("rpc_str"))
-    def rpc_str(self, data: object) -> None:
-        raise RpcException("bad thing")
-
-    @MessagePattern(cmd("rpc_obj"))
-    def rpc_obj(self, data: object) -> None:
-        raise RpcException({"code": 42, "message": "custom"})
-
-    @MessagePattern(cmd("boom"))
-    def boom(self, data: object) -> None:
-        raise KeyError("secret detail")
 
     @MessagePattern(cmd("unserializable"))
     def unserializable(self, data: object) -> object:
@@ -108,10 +81,6 @@ class AppController:
     @EventPattern(USER_CREATED)
     async def also_on_user_created(self, data: object) -> None:
         events.append({"second": data})
-
-    @EventPattern(f"explodes.{RUN}")
-    def explodes(self, data: object) -> None:
-        raise RuntimeError("event handler failure")
 
 
 @Module(controllers=[AppController])

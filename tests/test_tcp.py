@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated
 
 import pytest
 from conftest import Serve, wait_until
 from pydantic import BaseModel
+from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -23,7 +24,6 @@ from nestpy_mini import (
     Payload,
     RequestTimeoutError,
     RpcError,
-    RpcException,
 )
 from nestpy_mini.transports.tcp import TcpContext
 
@@ -37,7 +37,7 @@ class User(BaseModel):
 
 
 @Controller()
-class AppController:
+class AppController(shared_handlers(lambda name: {"cmd": name}, lambda name: name)):
     @MessagePattern({"cmd": "sum"})
     def sum(self, data: list[int]) -> int:
         calls.append("sum")
@@ -47,33 +47,6 @@ class AppController:
     async def async_sum(self, data: list[int]) -> int:
         await asyncio.sleep(0.001)
         return sum(data)
-
-    @MessagePattern({"cmd": "count"})
-    async def count(self, n: int) -> AsyncIterator[int]:
-        for i in range(1, n + 1):
-            await asyncio.sleep(0.001)
-            yield i
-
-    @MessagePattern({"cmd": "stream_err"})
-    async def stream_err(self, data: object) -> AsyncIterator[int]:
-        yield 1
-        raise RpcException("mid-stream")
-
-    @MessagePattern({"cmd": "hang"})
-    async def hang(self, data: object) -> None:
-        await asyncio.sleep(30)
-
-    @MessagePattern({"cmd": "rpc_str"})
-    def rpc_str(self, data: object) -> None:
-        raise RpcException("bad thing")
-
-    @MessagePattern({"cmd": "rpc_obj"})
-    def rpc_obj(self, data: object) -> None:
-        raise RpcException({"code": 42, "message": "custom"})
-
-    @MessagePattern({"cmd": "boom"})
-    def boom(self, data: object) -> None:
-        raise KeyError("secret detail")
 
     @MessagePattern({"cmd": "unserializable"})
     def unserializable(self, data: object) -> object:
@@ -106,10 +79,6 @@ class AppController:
     @EventPattern("user_created")
     async def also_on_user_created(self, data: object) -> None:
         events.append({"second": data})
-
-    @EventPattern("explodes")
-    def explodes(self, data: object) -> None:
-        raise RuntimeError("event handler failure")
 
 
 @Module(controllers=[AppController])
