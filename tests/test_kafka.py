@@ -24,8 +24,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from common_app import (
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import wait_until
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxyFactory,
@@ -36,7 +41,6 @@ from nestpy_mini import (
     NestFactory,
     NestMicroservice,
     RequestTimeoutError,
-    RpcError,
     RpcException,
     Transport,
     WiringError,
@@ -213,14 +217,7 @@ async def next_records(consumer: AIOKafkaConsumer, count: int) -> list[Any]:
 async def test_send_await_iterate_subscribe(client: KafkaClient) -> None:
     # Kafka carries a number as its text, so Nest's parser gives a string back.
     assert await client.send(T + "sum", [1, 2, 3]) == "6"
-    assert await client.send(T + "count", 3) == "3"  # await gives the last value
-    assert [v async for v in client.send(T + "count", 3)] == ["1", "2", "3"]
-    seen: list[Any] = []
-    sub = client.send(T + "count", 4).subscribe(
-        seen.append, seen.append, lambda: seen.append("done")
-    )
-    await sub
-    assert seen == ["1", "2", "3", "4", "done"] and sub.closed
+    await check_streams(client, T + "count", str)
 
 
 async def test_connect_readies_nothing_and_send_needs_no_subscribe_step(
@@ -294,26 +291,11 @@ async def test_streams_end_on_their_last_value(
 
 
 async def test_stream_error_after_values(client: KafkaClient) -> None:
-    seen: list[Any] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send(T + "stream_err", 0):
-            seen.append(value)
-    assert seen == ["1"]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, T + "stream_err", str)
 
 
 async def test_every_error_kind(client: KafkaClient, caplog: pytest.LogCaptureFixture) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
-    }
-    with caplog.at_level(logging.ERROR):
-        for cmd, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send(T + cmd, 1)
-            assert info.value.error == err
-    assert "secret detail" in caplog.text  # logged on the server, never sent
+    await check_error_kinds(client, lambda name: T + name, caplog)
     assert await client.send(T + "sum", [2, 2]) == "4"
 
 

@@ -16,8 +16,13 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from common_app import (
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import wait_until
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxyFactory,
@@ -29,7 +34,6 @@ from nestpy_mini import (
     NestFactory,
     NestMicroservice,
     RequestTimeoutError,
-    RpcError,
     Transport,
     brokers,
 )
@@ -184,14 +188,7 @@ async def test_send_await_iterate_subscribe(client: MqttClient) -> None:
     assert await client.send(T + "sum", [1, 2, 3]) == 6
     reordered = {"run": RUN, "cmd": "obj"}  # the topic is the normalized route
     assert await client.send(reordered, {"x": 1}) == [{"x": 1}, OBJ_TOPIC]
-    assert await client.send(T + "count", 3) == 3  # await gives the last value
-    assert [v async for v in client.send(T + "count", 3)] == [1, 2, 3]
-    seen: list[Any] = []
-    sub = client.send(T + "count", 4).subscribe(
-        seen.append, seen.append, lambda: seen.append("done")
-    )
-    await sub
-    assert seen == [1, 2, 3, 4, "done"] and sub.closed
+    await check_streams(client, T + "count")
 
 
 async def test_send_is_cold_until_awaited(client: MqttClient) -> None:
@@ -204,26 +201,11 @@ async def test_send_is_cold_until_awaited(client: MqttClient) -> None:
 
 
 async def test_stream_error_after_values(client: MqttClient) -> None:
-    seen: list[Any] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send(T + "stream_err", 0):
-            seen.append(value)
-    assert seen == [1]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, T + "stream_err")
 
 
 async def test_every_error_kind(client: MqttClient, caplog: pytest.LogCaptureFixture) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
-    }
-    with caplog.at_level(logging.ERROR):
-        for cmd, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send(T + cmd, 1)
-            assert info.value.error == err
-    assert "secret detail" in caplog.text  # logged on the server, never sent
+    await check_error_kinds(client, lambda name: T + name, caplog)
     assert await client.send(T + "sum", [2, 2]) == 4
 
 

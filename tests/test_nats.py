@@ -12,8 +12,13 @@ from typing import Any
 
 import nats
 import pytest
+from common_app import (
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import wait_until
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -181,40 +186,20 @@ async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
 
 
 async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
-    assert await client.send(p("count"), 3) == 3
-    assert [v async for v in client.send(p("count"), 3)] == [1, 2, 3]
-    seen: list[object] = []
-    sub = client.send(p("count"), 4).subscribe(
-        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
-    )
-    await sub
-    assert seen == [1, 2, 3, 4, "done"]
+    await check_streams(client, p("count"))
 
 
 async def test_stream_error_after_values(client: ClientProxy) -> None:
-    seen: list[object] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send(p("stream_err"), 0):
-            seen.append(value)
-    assert seen == [1]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, p("stream_err"))
 
 
 async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
     client: ClientProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
+    more = {
         "unserializable": {"status": "error", "message": "Internal server error"},
     }
-    with caplog.at_level(logging.ERROR):
-        for cmd, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send(p(cmd), 1)
-            assert info.value.error == err
-    assert "secret detail" in caplog.text
+    await check_error_kinds(client, p, caplog, more)
 
 
 async def test_no_subscriber_fails_at_once_with_nests_text(client: ClientProxy) -> None:

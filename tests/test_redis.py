@@ -15,9 +15,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from common_app import (
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import wait_until
 from redis.asyncio import Redis
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -30,7 +35,6 @@ from nestpy_mini import (
     NestFactory,
     NestMicroservice,
     RequestTimeoutError,
-    RpcError,
     Transport,
     brokers,
 )
@@ -181,41 +185,23 @@ async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
 
 
 async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
-    assert await client.send(cmd("count"), 3) == 3  # await gives the last value
-    assert [v async for v in client.send(cmd("count"), 3)] == [1, 2, 3]
-    seen: list[object] = []
-    sub = client.send(cmd("count"), 4).subscribe(
-        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
-    )
-    await sub
-    assert seen == [1, 2, 3, 4, "done"] and sub.closed
+    await check_streams(client, cmd("count"))
 
 
 async def test_stream_error_after_values(client: ClientProxy) -> None:
-    seen: list[object] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send(cmd("stream_err"), 0):
-            seen.append(value)
-    assert seen == [1]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, cmd("stream_err"))
 
 
 async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
     client: ClientProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
+    async def server_goes_on() -> None:
+        assert await client.send(cmd("sum"), [2, 2]) == 4
+
+    more = {
         "unserializable": {"status": "error", "message": "Internal server error"},
     }
-    with caplog.at_level(logging.ERROR):
-        for name, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send(cmd(name), 1)
-            assert info.value.error == err
-            assert await client.send(cmd("sum"), [2, 2]) == 4  # and the server goes on
-    assert "secret detail" in caplog.text  # logged on the server, never sent
+    await check_error_kinds(client, cmd, caplog, more, server_goes_on)
 
 
 async def test_unknown_pattern_times_out_as_in_nest(client: ClientProxy) -> None:

@@ -18,9 +18,14 @@ from typing import Any
 
 import aio_pika
 import pytest
+from common_app import (
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import wait_until
 from private_rabbit import PrivateRabbit, rabbit_missing
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -211,14 +216,7 @@ async def test_send_await_iterate_subscribe(client: ClientProxy) -> None:
     assert await client.send({"cmd": "sum"}, [1, 2, 3]) == 6
     assert await client.send({"cmd": "async_sum"}, [4, 5]) == 9
     assert await client.send("ping", {}) == "pong"
-    assert await client.send({"cmd": "count"}, 3) == 3  # await gives the last value
-    assert [v async for v in client.send({"cmd": "count"}, 3)] == [1, 2, 3]
-    seen: list[object] = []
-    sub = client.send({"cmd": "count"}, 4).subscribe(
-        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
-    )
-    await sub
-    assert seen == [1, 2, 3, 4, "done"]
+    await check_streams(client, {"cmd": "count"})
 
 
 async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
@@ -231,29 +229,14 @@ async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> 
 
 
 async def test_stream_error_after_values(client: ClientProxy) -> None:
-    seen: list[object] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send({"cmd": "stream_err"}, 0):
-            seen.append(value)
-    assert seen == [1]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, {"cmd": "stream_err"})
 
 
 async def test_every_error_kind_reaches_the_caller(
     client: ClientProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
-        "missing": NO_MESSAGE_HANDLER,  # RMQ is the one broker that answers this
-    }
-    with caplog.at_level(logging.ERROR):
-        for cmd, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send({"cmd": cmd}, 1)
-            assert info.value.error == err
-    assert "secret detail" in caplog.text  # logged on the server, never sent
+    more = {"missing": NO_MESSAGE_HANDLER}  # RMQ is the one broker that answers this
+    await check_error_kinds(client, lambda name: {"cmd": name}, caplog, more)
 
 
 async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:

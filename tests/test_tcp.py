@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Annotated
 
 import pytest
+from common_app import (
+    COMMON_ERRORS,
+    check_error_kinds,
+    check_stream_error,
+    check_streams,
+    shared_handlers,
+)
 from conftest import Serve, wait_until
 from pydantic import BaseModel
-from shared_handlers import shared_handlers
 
 from nestpy_mini import (
     ClientProxy,
@@ -114,42 +119,22 @@ async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
 
 
 async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
-    assert await client.send({"cmd": "count"}, 3) == 3  # await gives the last value
-    assert [v async for v in client.send({"cmd": "count"}, 3)] == [1, 2, 3]
-    seen: list[object] = []
-    sub = client.send({"cmd": "count"}, 4).subscribe(
-        seen.append, lambda e: seen.append(e), lambda: seen.append("done")
-    )
-    await sub
-    assert seen == [1, 2, 3, 4, "done"] and sub.closed
+    await check_streams(client, {"cmd": "count"})
 
 
 async def test_stream_error_after_values(client: ClientProxy) -> None:
-    seen: list[object] = []
-    with pytest.raises(RpcError) as info:
-        async for value in client.send({"cmd": "stream_err"}, None or 0):
-            seen.append(value)
-    assert seen == [1]
-    assert info.value.error == {"status": "error", "message": "mid-stream"}
+    await check_stream_error(client, {"cmd": "stream_err"})
 
 
 async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
     client: ClientProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cases = {
-        "rpc_str": {"status": "error", "message": "bad thing"},
-        "rpc_obj": {"code": 42, "message": "custom"},
-        "boom": {"status": "error", "message": "Internal server error"},
+    more = {
         "unserializable": {"status": "error", "message": "Internal server error"},
         "missing": "There is no matching message handler defined in the remote service.",
     }
-    with caplog.at_level(logging.ERROR):
-        for cmd, err in cases.items():
-            with pytest.raises(RpcError) as info:
-                await client.send({"cmd": cmd}, 1)
-            assert info.value.error == err
-    assert "secret detail" in caplog.text  # logged on the server...
-    assert str(RpcError(cases["boom"])) == "Internal server error"  # ...never sent
+    await check_error_kinds(client, lambda name: {"cmd": name}, caplog, more)
+    assert str(RpcError(COMMON_ERRORS["boom"])) == "Internal server error"  # never sent
 
 
 async def test_errors_do_not_stop_the_server(client: ClientProxy) -> None:
