@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -118,3 +120,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def private_rabbit() -> PrivateRabbit | None:
     """The restart test's RabbitMQ node, already booting; None where it cannot run."""
     return _rabbit
+
+
+@pytest.fixture
+def stranger() -> Iterator[int]:
+    """A TCP port where something answers (an HTTP 400), but in no broker's protocol."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)  # so the loop notices `done` without a connection
+    port = server.getsockname()[1]
+    done = threading.Event()
+
+    def answer() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield port
+    done.set()
+    thread.join(2)
+    server.close()

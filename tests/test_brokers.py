@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -23,31 +21,6 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         broker.stop()
     brokers._found.clear()
     brokers._found.update(saved)
-
-
-@pytest.fixture
-def stranger() -> Iterator[int]:
-    """A TCP port where something answers, but not in any broker's protocol."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.05)  # so the loop notices `done` without a connection
-    port = server.getsockname()[1]
-    done = threading.Event()
-
-    def answer() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    yield port
-    done.set()
-    thread.join(2)
-    server.close()
 
 
 def test_env_url_that_does_not_answer_fails_loudly(

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -604,31 +602,6 @@ async def test_bad_input_is_dropped_and_never_stops_anyone(
 
 
 # --- the broker ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def stranger() -> Iterator[int]:
-    """A TCP port where something answers, but not in Kafka's protocol."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.05)
-    port = server.getsockname()[1]
-    done = threading.Event()
-
-    def answer() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    yield port
-    done.set()
-    thread.join(2)
-    server.close()
 
 
 async def test_broker_discovery_for_kafka(stranger: int, monkeypatch: pytest.MonkeyPatch) -> None:
