@@ -1,10 +1,22 @@
 """nestpy-mini: NestJS-style microservices for asyncio, on NestJS's own wire protocols.
 
-The public API is everything in ``__all__``; the rest is internal.
+The public API is everything in ``__all__``; the rest is internal.  Nothing
+here starts a process: brokers and tools live in ``nestpy_mini.dev``.
 """
 
-from .client import ClientProxy, ClientProxyFactory, ClientsModule, Observable, Subscription
-from .common import Controller, Ctx, DynamicModule, Inject, Injectable, Module, Payload
+from .app import ClientProxyFactory, ClientsModule, NestApplication, NestFactory, NestMicroservice
+from .client import ClientProxy, Observable, Subscription
+from .decorators import (
+    Controller,
+    Ctx,
+    DynamicModule,
+    EventPattern,
+    Inject,
+    Injectable,
+    MessagePattern,
+    Module,
+    Payload,
+)
 from .exceptions import (
     ConnectionClosedError,
     InvalidMessageError,
@@ -13,8 +25,6 @@ from .exceptions import (
     RpcException,
     WiringError,
 )
-from .factory import NestFactory, NestMicroservice
-from .patterns import EventPattern, MessagePattern
 from .server import BaseRpcContext, Server
 from .transports import Transport
 
@@ -33,6 +43,7 @@ __all__ = [
     "InvalidMessageError",
     "MessagePattern",
     "Module",
+    "NestApplication",
     "NestFactory",
     "NestMicroservice",
     "Observable",

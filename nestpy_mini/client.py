@@ -15,21 +15,19 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from .common import DynamicModule, Module
 from .exceptions import (
     ConnectionClosedError,
     InvalidMessageError,
     RequestTimeoutError,
     RpcError,
-    WiringError,
 )
+from .packets import read_reply
 
 T = TypeVar("T")
 OnNext = Callable[[Any], None]
 Source = Callable[[OnNext], Awaitable[None]]
 
 DEFAULT_TIMEOUT = 5.0
-_ENVELOPE_KEYS = frozenset({"id", "err", "response", "isDisposed", "status"})
 logger = logging.getLogger("nestpy_mini.client")
 
 
@@ -235,6 +233,7 @@ class ClientProxy:
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
+        self.logger = logging.getLogger(f"nestpy_mini.{type(self).__name__}")
         self.timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
         self.connect_timeout = float(self.options.get("connect_timeout", self.timeout))
         self._routing: dict[str, _Pending] = {}
@@ -265,6 +264,9 @@ class ClientProxy:
         """Where this client connects, for error messages."""
         return self.transport_name
 
+    def _cannot_connect(self, why: str) -> ConnectionError:
+        return ConnectionError(f"cannot connect to {self.describe()}: {why}")
+
     # --- connection ---------------------------------------------------------
     @property
     def is_connected(self) -> bool:
@@ -282,12 +284,9 @@ class ClientProxy:
             try:
                 await asyncio.wait_for(self._connect(), self.connect_timeout)
             except TimeoutError as exc:
-                raise ConnectionError(
-                    f"cannot connect to {self.describe()}: no answer within "
-                    f"{self.connect_timeout:g} s"
-                ) from exc
+                raise self._cannot_connect(f"no answer within {self.connect_timeout:g} s") from exc
             except OSError as exc:
-                raise ConnectionError(f"cannot connect to {self.describe()}: {exc}") from exc
+                raise self._cannot_connect(str(exc) or type(exc).__name__) from exc
             self._connected = True
             self._timeouts = _Deadlines(asyncio.get_running_loop())
 
@@ -312,16 +311,14 @@ class ClientProxy:
         for call in pending.values():
             call.fail(exc)
 
-    def _on_reply(self, packet: dict[str, Any]) -> None:
-        if not packet.keys() <= _ENVELOPE_KEYS:
-            # Not a Nest envelope: a foreign reply is the response itself,
-            # as Nest's IncomingResponseDeserializer reads it.
-            packet = {"id": packet.get("id"), "response": packet, "isDisposed": True}
-        call = self._routing.get(packet.get("id"))  # type: ignore[arg-type]
+    def _on_reply(self, packet: Any, msg_id: str | None = None) -> None:
+        """Apply one decoded reply (see ``packets.read_reply``); others are dropped."""
+        reply = read_reply(packet, msg_id)
+        call = self._routing.get(reply["id"]) if reply is not None else None
         if call is not None:
-            call.feed(packet)
+            call.feed(reply)  # type: ignore[arg-type]
         else:
-            logger.debug("dropped a reply for an unknown id %r", packet.get("id"))
+            logger.debug("dropped a reply that answers none of our requests: %.200r", packet)
 
     # --- send and emit ------------------------------------------------------
     def send(self, pattern: Any, data: Any, *, timeout: float | None = None) -> Observable[Any]:
@@ -378,52 +375,3 @@ class ClientProxy:
 def _report_emit_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("emit failed: %s", task.exception())
-
-
-class ClientProxyFactory:
-    """Builds the client for a transport, as Nest's factory of the same name."""
-
-    @staticmethod
-    def create(
-        transport: int = 0,
-        options: dict[str, Any] | None = None,
-        custom_class: type[ClientProxy] | None = None,
-    ) -> ClientProxy:
-        if custom_class is not None:
-            return custom_class(options)
-        from .transports import load
-
-        return load(transport).CLIENT(options)
-
-
-@Module()
-class ClientsModule:
-    """``ClientsModule.register([...])`` provides one client per ``name`` token."""
-
-    @staticmethod
-    def register(clients: list[dict[str, Any]], *, is_global: bool = False) -> DynamicModule:
-        providers = []
-        for spec in clients:
-            if "name" not in spec:
-                raise WiringError(f"ClientsModule.register: client {spec!r} has no 'name'")
-            providers.append(
-                {
-                    "provide": spec["name"],
-                    "use_factory": _client_factory(spec),
-                }
-            )
-        return DynamicModule(
-            ClientsModule,
-            providers=providers,
-            exports=[p["provide"] for p in providers],
-            is_global=is_global,
-        )
-
-
-def _client_factory(spec: dict[str, Any]) -> Callable[[], ClientProxy]:
-    from .transports import Transport
-
-    transport = spec.get("transport", Transport.TCP)
-    options = spec.get("options")
-    custom = spec.get("custom_class")
-    return lambda: ClientProxyFactory.create(transport, options, custom)

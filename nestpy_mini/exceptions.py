@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Nest's texts, kept verbatim because NestJS peers compare and log them.
-NO_MESSAGE_HANDLER = "There is no matching message handler defined in the remote service."
-UNKNOWN_EXCEPTION_MESSAGE = "Internal server error"
-
 
 class RpcException(Exception):
     """Raise in a handler to send ``error`` to the caller as it is.

@@ -1,9 +1,10 @@
 """The HTTP half of a hybrid app: Nest-style routes, served by Starlette and uvicorn.
 
-``NestFactory.create(AppModule)`` gives a ``NestApplication``; its controllers'
-``@Get``/``@Post`` methods become HTTP routes, and ``connect_microservice``
-adds transports that serve the same controllers' message patterns, so one
-module answers both HTTP and messages, as in the chapter's section 2.3.
+``NestFactory.create(AppModule)`` gives a ``NestApplication`` (``app.py``);
+its controllers' ``@Get``/``@Post`` methods become HTTP routes here, and
+``connect_microservice`` adds transports that serve the same controllers'
+message patterns, so one module answers both HTTP and messages, as in the
+chapter's section 2.3.  Installed with the ``http`` extra.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .client import Observable
-from .common import PREFIX_ATTR
-from .factory import NestMicroservice, call_hooks, register_handlers
-from .injector import Container
-from .transports import Transport, load
 
 F = TypeVar("F", bound=Callable[..., Any])
 ROUTE_ATTR = "__nestpy_routes__"
@@ -162,15 +159,14 @@ def _endpoint(method: Callable[..., Any], name: str) -> Callable[[Request], Any]
     return endpoint
 
 
-def build_routes(controllers: list[Any]) -> list[Route]:
+def build_routes(controllers: list[tuple[Any, str]]) -> list[Route]:
+    """A route per ``@Get``/``@Post``... method of each ``(controller, prefix)``."""
     routes = []
-    for controller in controllers:
+    for controller, prefix in controllers:
         cls = type(controller)
-        prefix = getattr(cls, PREFIX_ATTR, "")
         for attr in dir(cls):
             for verb, path in getattr(getattr(cls, attr, None), ROUTE_ATTR, ()):
-                bound = getattr(controller, attr)
-                endpoint = _endpoint(bound, f"{cls.__name__}.{attr}")
+                endpoint = _endpoint(getattr(controller, attr), f"{cls.__name__}.{attr}")
                 routes.append(Route(_nest_path(prefix, path), endpoint, methods=[verb]))
     return routes
 
@@ -184,57 +180,41 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-class NestApplication:
-    """An HTTP app that can also serve message patterns (a hybrid app)."""
+# How long start() waits for uvicorn to bind, and close() for it to finish.
+START_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 10.0
 
-    def __init__(self, container: Container) -> None:
-        self.container = container
-        self.microservices: list[NestMicroservice] = []
-        self.asgi = Starlette(routes=build_routes(container.controllers))
+
+class HttpServer:
+    """The controllers' routes on uvicorn, started and stopped inside the caller's loop."""
+
+    def __init__(self, controllers: list[tuple[Any, str]]) -> None:
+        self.asgi = Starlette(routes=build_routes(controllers))
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
         self.host = "127.0.0.1"
         self.port = 0
 
-    def get(self, token: Any) -> Any:
-        return self.container.get(token)
-
-    def connect_microservice(
-        self, *, transport: Transport | int = Transport.TCP, options: dict[str, Any] | None = None
-    ) -> NestMicroservice:
-        """Serve this app's message patterns over ``transport`` as well."""
-        server = load(transport).SERVER(options)
-        register_handlers(server, self.container.controllers)
-        microservice = NestMicroservice(self.container, server, owns_container=False)
-        self.microservices.append(microservice)
-        return microservice
-
-    async def start_all_microservices(self) -> None:
-        for microservice in self.microservices:
-            await microservice.start()
-
-    async def listen(self, port: int = 3000, host: str = "127.0.0.1") -> None:
-        """Start HTTP and return once it accepts connections (as Nest's ``listen``)."""
+    async def start(self, host: str, port: int) -> None:
         config = uvicorn.Config(
             self.asgi, host=host, port=port, log_level="warning", lifespan="off", access_log=False
         )
-        self._server = _Uvicorn(config)
-        self._task = asyncio.ensure_future(self._serve())
-        for _ in range(1000):  # bounded: at most ~10 s
-            if self._server.started or self._task.done():
+        self._server = server = _Uvicorn(config)
+        self._task = asyncio.ensure_future(self._serve(server))
+        for _ in range(int(START_TIMEOUT / 0.01)):  # uvicorn sets a flag; nothing to await
+            if server.started or self._task.done():
                 break
             await asyncio.sleep(0.01)
-        if not self._server.started:
+        if not server.started:
             await self._task  # raises why it could not start
             raise OSError(f"HTTP server did not start on {host}:{port}")
         self.host = host
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        await call_hooks(list(self.container.instances()), "on_application_bootstrap")
+        self.port = server.servers[0].sockets[0].getsockname()[1]
 
-    async def _serve(self) -> None:
-        assert self._server is not None
+    @staticmethod
+    async def _serve(server: _Uvicorn) -> None:
         try:
-            await self._server.serve()
+            await server.serve()
         except SystemExit as exc:  # uvicorn exits the process on bind errors
             raise OSError(f"HTTP server could not start (uvicorn exit {exc.code})") from None
 
@@ -243,12 +223,7 @@ class NestApplication:
         return f"http://{self.host}:{self.port}"
 
     async def close(self) -> None:
-        """Close the microservices, then HTTP, then the providers (clients included)."""
-        for microservice in self.microservices:
-            await microservice.close()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
-            await asyncio.wait([self._task], timeout=10)
-            self._server = self._task = None
-        await call_hooks(list(self.container.instances()), "on_module_destroy")
-        await call_hooks(list(self.container.instances()), "on_application_shutdown")
+            await asyncio.wait([self._task], timeout=CLOSE_TIMEOUT)
+        self._server = self._task = None

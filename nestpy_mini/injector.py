@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
-from .common import MODULE_ATTR, DynamicModule, Inject, ModuleMeta
+from .decorators import MODULE_ATTR, DynamicModule, Inject, ModuleMeta
 from .exceptions import WiringError
 
 _MISSING = object()

@@ -1,27 +1,19 @@
-"""Message and event patterns, and Nest's pattern-to-route normalization.
+"""Patterns and routes, exactly as Nest's ``transformPatternToRoute`` makes them.
 
 A pattern such as ``{"cmd": "sum"}`` is matched as a *route*: a string built
-the way ``transformPatternToRoute`` in ``@nestjs/microservices`` builds it, so a
-handler registered here is found by a packet that a NestJS client sent.  Keys
-are sorted with JavaScript's ``localeCompare`` (ICU collation), not by code
-point, which matters as soon as keys mix case, digits and underscores.
+the way ``@nestjs/microservices`` builds it, so a handler registered here is
+found by a packet that a NestJS client sent.  Keys are sorted with
+JavaScript's ``localeCompare`` (ICU collation), not by code point, which
+matters as soon as keys mix case, digits and underscores.
 """
 
 from __future__ import annotations
 
-import math
 import unicodedata
-from collections.abc import Callable
-from decimal import Decimal
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 
-from .codec import loads
-
-Pattern = str | int | float | dict[str, Any]
-F = TypeVar("F", bound=Callable[..., Any])
-
-PATTERN_ATTR = "__nestpy_patterns__"
+from .packets import js_number, loads
 
 # Nest's limits for client-controlled patterns (utils/transform-pattern.utils).
 MAX_DEPTH = 5
@@ -32,8 +24,10 @@ MAX_KEYS = 20
 _ICU_ASCII_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
 _PRIMARY = {c: i for i, c in enumerate(_ICU_ASCII_ORDER)}
 
+SortKey = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
-def _collation_key(text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+
+def _collation_key(text: str) -> SortKey:
     """A sort key that orders strings as ``a.localeCompare(b)`` does in Node.
 
     ICU compares whole strings level by level: base letters first, then
@@ -66,72 +60,23 @@ collation_key = lru_cache(maxsize=4096)(_collation_key)
 _CACHED_KEY_CHARS = 64
 
 
-def _sort_key(key: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def _sort_key(key: Any) -> SortKey:
     text = str(key)
-    if len(text) <= _CACHED_KEY_CHARS:
-        return collation_key(text)
-    return _collation_key(text)
+    return collation_key(text) if len(text) <= _CACHED_KEY_CHARS else _collation_key(text)
 
 
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def _js_string(value: Any) -> str:
-    """``String(value)`` for the scalars a pattern may hold."""
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if value is None:
-        return "null"
-    if isinstance(value, int | float):
-        # Below 2**53 every integer is exact in a double and prints as itself.
-        if abs(value) < 2**53 and (type(value) is int or value.is_integer()):
-            return str(int(value))
-        try:
-            return _js_number(float(value))  # JSON.parse reads every number as a double
-        except OverflowError:  # an int past a double's range: Infinity to JavaScript
-            return "Infinity" if value > 0 else "-Infinity"
-    return str(value)
-
-
-def _js_number(value: float) -> str:
-    """A float as JavaScript's ``Number#toString`` writes it.
-
-    Both languages print the shortest digits that read back the same number,
-    but place the point differently: JavaScript writes ``0.00001`` and
-    ``1e-7`` where Python writes ``1e-05`` and ``1e-07``, and ``Infinity``
-    where Python writes ``inf``.
-    """
-    if value != value:
-        return "NaN"
-    if value in (math.inf, -math.inf):
-        return "Infinity" if value > 0 else "-Infinity"
-    if value == 0:
-        return "0"
-    sign = "-" if value < 0 else ""
-    _, digit_tuple, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
-    digits = "".join(map(str, digit_tuple))
-    k, n = len(digits), int(exponent) + len(digits)  # value = 0.<digits> * 10**n
-    if k <= n <= 21:
-        return sign + digits + "0" * (n - k)
-    if 0 < n <= 21:
-        return f"{sign}{digits[:n]}.{digits[n:]}"
-    if -6 < n <= 0:
-        return f"{sign}0.{'0' * -n}{digits}"
-    mantissa = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
-    return f"{sign}{mantissa}e{'+' if n > 0 else '-'}{abs(n - 1)}"
-
-
 def normalize_pattern(pattern: Any, depth: int = 0) -> str:
-    """Turn a pattern into the route string Nest uses as the handler key."""
+    """The route string Nest uses as the handler key of ``pattern``."""
     if isinstance(pattern, str):
         return pattern
-    if isinstance(pattern, bool) or pattern is None:
-        return _js_string(pattern)
+    if pattern is None or isinstance(pattern, bool):
+        return {None: "null", True: "true", False: "false"}[pattern]
     if isinstance(pattern, int | float):
-        return _js_string(pattern)
+        return js_number(pattern)
     if isinstance(pattern, list | tuple):
         # JavaScript arrays are objects whose keys are their indexes.
         pattern = {str(i): v for i, v in enumerate(pattern)}
@@ -153,7 +98,7 @@ def normalize_pattern(pattern: Any, depth: int = 0) -> str:
 
 # Routes of recent incoming patterns.  Normalizing sorts keys by collation on
 # every message, which is most of the dispatch cost; the cache is bounded
-# because patterns come from clients, who could send endless new ones, and
+# because patterns come from peers, who could send endless new ones, and
 # keeps only short ones, or 1,024 megabyte patterns would pin gigabytes.
 _ROUTE_CACHE: dict[Any, str] = {}
 _ROUTE_CACHE_SIZE = 1024
@@ -197,21 +142,50 @@ def _route_uncached(pattern: Any) -> str:
     return normalize_pattern(pattern)
 
 
-def _mark(pattern: Pattern, is_event: bool, extras: dict[str, Any] | None) -> Callable[[F], F]:
-    def decorate(func: F) -> F:
-        marks = list(getattr(func, PATTERN_ATTR, ()))
-        marks.append((pattern, is_event, dict(extras or {})))
-        setattr(func, PATTERN_ATTR, marks)
-        return func
+def screened_route(pattern: Any, budget: int) -> str | None:
+    """The route of an untrusted pattern, or None when it can match no route
+    of at most ``budget`` characters.
 
-    return decorate
+    Routing costs Python-speed work per character of a pattern's keys, and
+    the caches keep what they are given: megabyte keys stalled the loop for
+    seconds and pinned gigabytes.  A route contains every key and string of
+    its pattern, so a pattern costlier than the longest route served matches
+    none of them, and is dropped unrouted.
+    """
+    if type(pattern) is str:
+        if pattern[:1] != "{" or len(pattern) <= budget:
+            return route_of_incoming(pattern)
+        try:
+            parsed = loads(pattern)
+        except (ValueError, RecursionError):
+            return pattern  # not JSON: its own route, as in Nest
+        # Uncached: the cache would keep the long text.
+        return normalize_pattern(parsed) if _route_cost(parsed, budget) <= budget else None
+    if type(pattern) in (dict, list) and _route_cost(pattern, budget) > budget:
+        return None
+    return route_of_incoming(pattern)
 
 
-def MessagePattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
-    """Request-response: the handler's return value (or stream) is the reply."""
-    return _mark(pattern, False, extras)
+def _route_cost(pattern: Any, budget: int) -> int:
+    """What routing ``pattern`` costs, in characters; counting stops past ``budget``.
 
-
-def EventPattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
-    """Fire-and-forget: every handler of the event runs, nothing is replied."""
-    return _mark(pattern, True, extras)
+    Each key and string that normalizing reaches ends up in the route, so
+    their total is a lower bound on the route's length.  A list counts its
+    length too: it is converted item by item before any limit applies.
+    """
+    total = 0
+    stack = [(pattern, 0)]
+    while stack and total <= budget:
+        node, depth = stack.pop()
+        if type(node) is not dict and type(node) is not list:
+            total += len(node) if type(node) is str else 0
+            continue
+        if type(node) is list:
+            total += len(node)
+        if depth > MAX_DEPTH or len(node) > MAX_KEYS:
+            continue  # a placeholder in the route: normalizing looks no deeper
+        if type(node) is dict:
+            total += sum(map(len, node))
+        children = node.values() if type(node) is dict else node
+        stack.extend((child, depth + 1) for child in children)
+    return total

@@ -16,33 +16,29 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
-from .common import Ctx, Payload
-from .exceptions import (
-    NO_MESSAGE_HANDLER,
+from .decorators import Ctx, Payload
+from .exceptions import RpcException, WiringError
+from .packets import (
+    NO_EVENT_HANDLER,
+    SHUTDOWN_ERROR,
     UNKNOWN_EXCEPTION_MESSAGE,
-    RpcException,
-    WiringError,
+    Incoming,
+    failure,
+    final,
+    no_handler,
 )
-from .patterns import normalize_pattern
+from .patterns import normalize_pattern, route_of_incoming, screened_route
 
 Reply = Callable[[dict[str, Any]], Awaitable[None] | None]
-
-NO_EVENT_HANDLER = (
-    "There is no matching event handler defined in the remote service. Event pattern: "
-)
 
 # How long close() lets running handlers finish before cancelling them.
 DEFAULT_CLOSE_GRACE = 5.0
 # How long close() then waits for the cancelled ones to unwind: a handler that
 # swallows its cancellation must not hold shutdown up for ever.
 CANCEL_WAIT = 1.0
-# The ``err`` a caller gets when close() cancelled its handler past the grace.
-# Without it a broker caller would wait out its whole timeout for a reply that
-# can no longer come.
-SHUTDOWN_ERROR = {
-    "status": "error",
-    "message": "The server is shutting down: the handler did not finish within its close grace",
-}
+# Patterns in messages longer than this (characters) are screened before
+# routing (see patterns.screened_route); shorter ones cannot be costly.
+LARGE_MESSAGE = 256
 
 
 class BaseRpcContext:
@@ -150,6 +146,10 @@ def error_payload(exc: BaseException, logger: logging.Logger, where: str) -> Any
     return {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
 
 
+# JSON values that can be a pattern.  Nest routes an array as an object keyed
+# by index; true, false and null it never matches, nor a missing pattern.
+_PATTERN_TYPES = frozenset({str, dict, int, float, list})
+
 # What encoding a reply raises for a value JSON cannot hold: a set, NaN, a
 # lone surrogate, or nesting deeper than the encoder's recursion.
 _UNWRITABLE = (TypeError, ValueError, RecursionError)
@@ -157,14 +157,6 @@ _UNWRITABLE = (TypeError, ValueError, RecursionError)
 # Results that are surely neither awaitables nor streams: checked by type
 # first, because inspect.isawaitable costs more than a plain handler call.
 _PLAIN = frozenset({int, float, str, bool, list, dict, type(None)})
-
-
-def _final(value: Any, msg_id: Any) -> dict[str, Any]:
-    """The last reply packet.  ``None`` leaves ``response`` out, as Nest does for
-    ``undefined``: a Nest client would otherwise emit an extra ``null``."""
-    if value is None:
-        return {"isDisposed": True, "id": msg_id}
-    return {"response": value, "isDisposed": True, "id": msg_id}
 
 
 class Server:
@@ -183,6 +175,8 @@ class Server:
         self.logger = logging.getLogger(f"nestpy_mini.{type(self).__name__}")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.close_grace = float(self.options.get("close_grace", DEFAULT_CLOSE_GRACE))
+        # The screen's budget for untrusted patterns: the longest route served.
+        self._route_budget = LARGE_MESSAGE
 
     # --- the handler table -------------------------------------------------
     def add_handler(
@@ -194,6 +188,7 @@ class Server:
         extras: dict[str, Any] | None = None,
     ) -> None:
         route = normalize_pattern(pattern)
+        self._route_budget = max(self._route_budget, len(route))
         handler = Handler(method, name or getattr(method, "__qualname__", repr(method)), extras)
         if is_event:
             self.event_handlers.setdefault(route, []).append(handler)
@@ -255,6 +250,30 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     # --- dispatch ------------------------------------------------------------
+    def route(self, pattern: Any, large: bool = False) -> str | None:
+        """The route of a pattern a peer sent; None when no handler can match it.
+
+        ``large`` says the message was long enough to hide a costly pattern,
+        which is then screened first (``patterns.screened_route``).
+        """
+        kind = type(pattern)
+        if kind is str and pattern[:1] != "{":
+            return pattern
+        if kind not in _PATTERN_TYPES:
+            return None
+        if large and kind is not int and kind is not float:
+            return screened_route(pattern, self._route_budget)
+        return route_of_incoming(pattern)
+
+    def dispatch(self, message: Incoming, route: str | None, ctx: Any, reply: Reply) -> None:
+        """Run one sorted message: a request is always answered, an event never."""
+        if message.is_request:
+            self.handle_request(route, message.data, message.id, ctx, reply)
+        elif route is None:
+            self.logger.warning("dropped an event: no handler can match its pattern")
+        else:
+            self.handle_event(route, message.data, ctx)
+
     def handle_request(
         self, route: str | None, data: Any, msg_id: Any, ctx: Any, reply: Reply
     ) -> None:
@@ -265,7 +284,7 @@ class Server:
         """
         handler = self.message_handlers.get(route)
         if handler is None:
-            self._send(reply, {"id": msg_id, "status": "error", "err": NO_MESSAGE_HANDLER}, msg_id)
+            self._send(reply, no_handler(msg_id), msg_id)
             return
         if handler.is_async or handler.is_stream:
             self._spawn(self._run_request(handler, data, msg_id, ctx, reply))
@@ -275,14 +294,14 @@ class Server:
             result = handler.call(data, ctx)
         except Exception as exc:
             err = error_payload(exc, self.logger, handler.name)
-            self._send(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
+            self._send(reply, failure(err, msg_id), msg_id)
             return
         if type(result) not in _PLAIN and (
             inspect.isawaitable(result) or hasattr(result, "__anext__")
         ):
             self._spawn(self._finish_request(handler, result, msg_id, reply))
             return
-        self._send(reply, _final(result, msg_id), msg_id)
+        self._send(reply, final(result, msg_id), msg_id)
 
     async def _run_request(
         self, handler: Handler, data: Any, msg_id: Any, ctx: Any, reply: Reply
@@ -291,7 +310,7 @@ class Server:
             result = handler.call(data, ctx)
         except Exception as exc:
             err = error_payload(exc, self.logger, handler.name)
-            await self._asend(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
+            await self._asend(reply, failure(err, msg_id), msg_id)
             return
         await self._finish_request(handler, result, msg_id, reply)
 
@@ -310,14 +329,14 @@ class Server:
             # drain() cancelled it past the close grace: say so to the caller,
             # who would otherwise wait for its timeout (on a broker, in full).
             if self.reply_when_cancelled:
-                packet = {"err": SHUTDOWN_ERROR, "isDisposed": True, "id": msg_id}
+                packet = failure(SHUTDOWN_ERROR, msg_id)
                 await self._asend(reply, packet, msg_id)
             raise
         except Exception as exc:
             err = error_payload(exc, self.logger, handler.name)
-            await self._asend(reply, {"err": err, "isDisposed": True, "id": msg_id}, msg_id)
+            await self._asend(reply, failure(err, msg_id), msg_id)
             return
-        await self._asend(reply, _final(value, msg_id), msg_id)
+        await self._asend(reply, final(value, msg_id), msg_id)
 
     def _send(self, reply: Reply, packet: dict[str, Any], msg_id: Any) -> None:
         try:
@@ -339,7 +358,7 @@ class Server:
         self.logger.error("reply to %.200r is not JSON-serializable: %s", msg_id, exc)
         err = {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
         try:
-            return reply({"err": err, "isDisposed": True, "id": msg_id})
+            return reply(failure(err, msg_id))
         except _UNWRITABLE:
             # The id itself cannot be written (1e999, nested too deep), so no
             # reply can carry it.  Raised on, it would end the task or read

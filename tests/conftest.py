@@ -18,8 +18,8 @@ from nestpy_mini import (
     NestFactory,
     NestMicroservice,
     Transport,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 
 Serve = Callable[..., Awaitable[NestMicroservice]]
 

@@ -25,8 +25,7 @@ from nest_harness import NestClient, NestServer
 from redis.asyncio import Redis
 
 from nestpy_mini import ClientProxy, ClientProxyFactory, NestFactory, RpcError, Transport
-from nestpy_mini.exceptions import NO_MESSAGE_HANDLER
-from nestpy_mini.transports.nats import EMPTY_RESPONSE
+from nestpy_mini.packets import EMPTY_RESPONSE, NO_MESSAGE_HANDLER
 
 PY_TO_NEST = "python->nest"
 NEST_TO_PY = "nest->python"

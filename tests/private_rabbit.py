@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from nestpy_mini import brokers
+from nestpy_mini.dev import brokers
 
 
 def _amqp_answers(port: int) -> bool:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nestpy_mini import brokers
+from nestpy_mini.dev import brokers
 
 
 @pytest.fixture

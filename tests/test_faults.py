@@ -31,8 +31,8 @@ from nestpy_mini import (
     RequestTimeoutError,
     RpcError,
     Transport,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 from nestpy_mini.transports.tcp import TcpClient
 
 SUM = {"cmd": "sum"}

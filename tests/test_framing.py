@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nestpy_mini.transports.tcp import FrameDecoder, FrameError, encode_frame
+from nestpy_mini.transports.json_socket import FrameDecoder, FrameError, encode_frame
 
 
 def js_length(text: str) -> int:

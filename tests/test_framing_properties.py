@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nestpy_mini.codec import loads
-from nestpy_mini.transports.tcp import FrameDecoder, FrameError, encode_frame
+from nestpy_mini.packets import loads
+from nestpy_mini.transports.json_socket import FrameDecoder, FrameError, encode_frame
 
 # A value from the wire never holds a high surrogate followed by a low one as
 # two characters: JSON joins such a pair into one.  Lone ones are fine.

@@ -30,16 +30,17 @@ from nestpy_mini import (
     Module,
     NestMicroservice,
 )
-from nestpy_mini.exceptions import NO_MESSAGE_HANDLER, UNKNOWN_EXCEPTION_MESSAGE
+from nestpy_mini.packets import NO_MESSAGE_HANDLER, UNKNOWN_EXCEPTION_MESSAGE
 from nestpy_mini.patterns import _ROUTE_CACHE, collation_key
-from nestpy_mini.transports.tcp import (
+from nestpy_mini.transports.json_socket import (
     DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT,
     DEFAULT_MAX_BUFFER_SIZE,
     DEFAULT_MAX_SEND_BUFFER_SIZE,
     FrameDecoder,
-    TcpServer,
+    JsonSocket,
     encode_frame,
 )
+from nestpy_mini.transports.tcp import TcpServer
 
 events: list[Any] = []
 LONG_KEY = "k" * 1000  # a registered pattern longer than any frame the screen skips
@@ -672,7 +673,9 @@ def test_the_limits_default_to_nests() -> None:
     assert DEFAULT_MAX_BUFFER_SIZE == 128 * 1024 * 1024  # characters (UTF-16 units)
     assert DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT == 30.0
     assert DEFAULT_MAX_SEND_BUFFER_SIZE == 128 * 1024 * 1024
-    assert TcpServer({})._limits == (128 * 1024 * 1024, 30.0, 128 * 1024 * 1024)
+    conn = JsonSocket(print, print, TcpServer({}).options)
+    assert conn.decoder.max_size == 128 * 1024 * 1024
+    assert (conn.incomplete_timeout, conn.max_send) == (30.0, 128 * 1024 * 1024)
 
 
 async def test_max_buffer_size_is_enforced_to_the_unit(

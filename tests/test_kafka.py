@@ -42,8 +42,8 @@ from nestpy_mini import (
     RpcException,
     Transport,
     WiringError,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 from nestpy_mini.transports.kafka import (
     CORRELATION_ID,
     NEST_ERR,

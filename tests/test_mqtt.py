@@ -35,8 +35,8 @@ from nestpy_mini import (
     NestMicroservice,
     RequestTimeoutError,
     Transport,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 from nestpy_mini.transports.mqtt import (
     MqttClient,
     MqttContext,

@@ -33,9 +33,10 @@ from nestpy_mini import (
     RequestTimeoutError,
     RpcError,
     Transport,
-    brokers,
 )
-from nestpy_mini.transports.nats import EMPTY_RESPONSE, NatsClient, NatsContext, NatsServer
+from nestpy_mini.dev import brokers
+from nestpy_mini.packets import EMPTY_RESPONSE
+from nestpy_mini.transports.nats import NatsClient, NatsContext, NatsServer
 
 # The broker may be shared with other test runs: every subject carries this run's token.
 RUN = secrets.token_hex(4)

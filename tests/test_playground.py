@@ -19,7 +19,7 @@ from nestpy_mini import (
     RpcException,
     Transport,
 )
-from nestpy_mini.playground import Playground, WireTap, parse_pattern, split_frames
+from nestpy_mini.dev.playground import Playground, WireTap, parse_pattern, split_frames
 
 calls: list[object] = []
 events: list[object] = []

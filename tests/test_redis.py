@@ -36,8 +36,8 @@ from nestpy_mini import (
     NestMicroservice,
     RequestTimeoutError,
     Transport,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 from nestpy_mini.patterns import normalize_pattern
 from nestpy_mini.transports.redis import RedisClient, RedisContext, RedisServer
 

@@ -40,9 +40,9 @@ from nestpy_mini import (
     RequestTimeoutError,
     RpcError,
     Transport,
-    brokers,
 )
-from nestpy_mini.exceptions import NO_MESSAGE_HANDLER
+from nestpy_mini.dev import brokers
+from nestpy_mini.packets import NO_MESSAGE_HANDLER
 from nestpy_mini.transports.rmq import (
     RMQ_NO_EVENT_HANDLER,
     RMQ_NO_MESSAGE_HANDLER,

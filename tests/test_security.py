@@ -25,8 +25,8 @@ from nestpy_mini import (
     Module,
     NestFactory,
     Transport,
-    brokers,
 )
+from nestpy_mini.dev import brokers
 from nestpy_mini.transports import load
 from nestpy_mini.transports.tcp import DEFAULT_HOST, TcpClient, TcpServer
 
@@ -76,8 +76,9 @@ async def test_http_listen_binds_to_loopback_by_default() -> None:
     app = await NestFactory.create(EchoModule)
     await app.listen(0)
     try:
-        assert app._server is not None
-        addresses = [s.getsockname()[0] for srv in app._server.servers for s in srv.sockets]
+        assert app.http is not None and app.http._server is not None
+        servers = app.http._server.servers
+        addresses = [s.getsockname()[0] for srv in servers for s in srv.sockets]
         assert addresses == ["127.0.0.1"]
         assert app.url.startswith("http://127.0.0.1:")
         async with httpx.AsyncClient(base_url=app.url, timeout=5) as http:
@@ -258,13 +259,14 @@ async def test_broker_passwords_never_reach_logs_or_errors(
     await fails(server.listen())
     await server.close()
 
-    # From the env, with discovery: it must say the env URL does not answer, redacted.
+    # From the env: the error names the broker, redacted, and how to get one.
     monkeypatch.setenv(brokers.ENV[kind], url)
     monkeypatch.setattr(brokers, "_found", {})  # forget brokers found by earlier tests
     env_client = module.CLIENT(timing)
     await fails(env_client.send("echo", 1))
     await env_client.close()
-    assert "is set, but nothing answers" in str(errors[-1])
+    assert f"cannot connect to {kind} at " in str(errors[-1])
+    assert f"set {brokers.ENV[kind]} to one that runs" in str(errors[-1])
     assert brokers.redact(url).replace(SECRET, "") in str(errors[-1])  # it names the broker
     with pytest.raises(brokers.BrokerUnavailable) as found:
         brokers.find(kind)

@@ -59,13 +59,14 @@ from aiokafka import (
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaError, UnknownError
 
-from .. import brokers
 from ..client import ClientProxy
-from ..codec import dumps as _dumps
-from ..codec import loads as _loads
+from ..dev import brokers as dev_brokers
 from ..exceptions import WiringError
+from ..packets import dumps as _dumps
+from ..packets import loads as _loads
 from ..patterns import normalize_pattern, route_of_incoming
 from ..server import BaseRpcContext, Server
+from . import base as brokers
 
 # Nest's KafkaHeaders names and defaults (enums/kafka-headers.enum, constants).
 CORRELATION_ID = "kafka_correlationId"
@@ -340,12 +341,12 @@ class _Config:
         Resolved at listen/connect time, so building a module never touches the network.
         """
         if not self.brokers:
-            broker = await asyncio.to_thread(brokers.find, "kafka")
+            broker = __import__("types").SimpleNamespace(url=",".join(brokers.broker_urls("kafka", None)))
             self.brokers = [b.strip() for b in broker.url.split(",") if b.strip()]
         return self.brokers
 
     def consumer_settings(self, **ours: Any) -> dict[str, Any]:
-        tuned = TANSU_CONSUMER if brokers.is_embedded_kafka(",".join(self.brokers)) else {}
+        tuned = TANSU_CONSUMER if dev_brokers.is_embedded_kafka(",".join(self.brokers)) else {}
         return {
             "bootstrap_servers": self.brokers,
             "client_id": self.client_id,
@@ -356,7 +357,7 @@ class _Config:
         }
 
     def producer_settings(self) -> dict[str, Any]:
-        tuned = TANSU_PRODUCER if brokers.is_embedded_kafka(",".join(self.brokers)) else {}
+        tuned = TANSU_PRODUCER if dev_brokers.is_embedded_kafka(",".join(self.brokers)) else {}
         return {
             "bootstrap_servers": self.brokers,
             "client_id": self.client_id,
@@ -742,7 +743,7 @@ class KafkaServer(Server):
                 f"cannot join group {self.group_id} on {self.describe()}: {exc!r}"
             ) from exc
         self._loop_task = asyncio.ensure_future(self._consume(consumer))
-        if brokers.is_embedded_kafka(",".join(config.brokers)):
+        if dev_brokers.is_embedded_kafka(",".join(config.brokers)):
             self._watcher = asyncio.ensure_future(
                 _watch_for_restarts(
                     consumer, self._read, self.logger, on_restart=self._on_broker_restart
@@ -1061,7 +1062,7 @@ class KafkaClient(ClientProxy):
             self._positions[tp] = await consumer.position(tp)
         if self._loop_task is None:
             self._loop_task = asyncio.ensure_future(self._consume(consumer))
-            if brokers.is_embedded_kafka(",".join(self.config.brokers)):
+            if dev_brokers.is_embedded_kafka(",".join(self.config.brokers)):
                 self._watcher = asyncio.ensure_future(
                     _watch_for_restarts(consumer, self._positions, logger, self._assigning)
                 )

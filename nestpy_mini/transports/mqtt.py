@@ -27,12 +27,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .. import brokers
 from ..client import ClientProxy
-from ..codec import dumps as _dumps
-from ..codec import loads as _loads
+from ..packets import dumps as _dumps
+from ..packets import loads as _loads
 from ..patterns import normalize_pattern, route_of_incoming
 from ..server import BaseRpcContext, Server
+from . import base as brokers
 
 REPLY_SUFFIX = "/reply"
 DEFAULT_PORT = 1883
@@ -224,7 +224,7 @@ class _Settings:
     async def resolve(self) -> None:
         """Find a broker when none was named; at connect time, never at construction."""
         if self.url is None:
-            self.url = (await asyncio.to_thread(brokers.find, "mqtt")).url
+            self.url = ",".join(brokers.broker_urls("mqtt", None))
 
     def new_client(self) -> _AioClient:
         assert self.url is not None

@@ -29,13 +29,14 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .. import brokers
-from ..client import _ENVELOPE_KEYS, ClientProxy
-from ..codec import dumps as _dumps
-from ..codec import loads as _loads
+from ..client import ClientProxy
 from ..exceptions import ConnectionClosedError
+from ..packets import ENVELOPE_KEYS as _ENVELOPE_KEYS
+from ..packets import dumps as _dumps
+from ..packets import loads as _loads
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext, Server
+from . import base as brokers
 
 # Nest's EmptyResponseException text, verbatim: what a NestJS caller sees
 # when nobody subscribes to the subject (the broker's 503 no-responders).
@@ -87,7 +88,7 @@ async def _servers(options: dict[str, Any]) -> list[str]:
     """
     servers = options.get("servers")
     if not servers:
-        broker = await asyncio.to_thread(brokers.find, "nats")
+        broker = __import__("types").SimpleNamespace(url=",".join(brokers.broker_urls("nats", None)))
         return [broker.url]
     return [servers] if isinstance(servers, str) else list(servers)
 

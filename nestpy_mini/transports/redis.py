@@ -39,13 +39,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .. import brokers
 from ..client import ClientProxy
-from ..codec import dumps as _dumps
-from ..codec import loads as _loads
 from ..exceptions import ConnectionClosedError
+from ..packets import dumps as _dumps
+from ..packets import loads as _loads
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext, Server
+from . import base as brokers
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6379
@@ -138,7 +138,7 @@ async def _open_redis(options: dict[str, Any], limits: _Limits) -> tuple[Redis, 
         port = int(options.get("port", DEFAULT_PORT))
         return Redis(host=host, port=port, **common), described
     if url is None:
-        url = (await asyncio.to_thread(brokers.find, "redis")).url
+        url = ",".join(brokers.broker_urls("redis", None))
         described = brokers.redact(url)
     return Redis.from_url(url, **common), described
 

@@ -29,13 +29,15 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, Abstra
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from .. import brokers
-from ..client import _ENVELOPE_KEYS, ClientProxy
-from ..codec import dumps as _dumps
-from ..codec import loads as _loads
-from ..exceptions import NO_MESSAGE_HANDLER, RequestTimeoutError
+from ..client import ClientProxy
+from ..exceptions import RequestTimeoutError
+from ..packets import ENVELOPE_KEYS as _ENVELOPE_KEYS
+from ..packets import NO_MESSAGE_HANDLER
+from ..packets import dumps as _dumps
+from ..packets import loads as _loads
 from ..patterns import route_of_incoming
 from ..server import BaseRpcContext, Server
+from . import base as brokers
 
 logger = logging.getLogger("nestpy_mini.rmq")
 
@@ -306,7 +308,7 @@ class _RmqPeer:
         first attempt failed (or was cancelled) is closed here, or its
         reconnect loop would outlive the attempt.
         """
-        urls = self.urls or [(await asyncio.to_thread(brokers.find, "rmq")).url]
+        urls = self.urls or [",".join(brokers.broker_urls("rmq", None))]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         reasons: list[str] = []

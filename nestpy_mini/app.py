@@ -1,8 +1,9 @@
-"""NestFactory and the application objects it returns.
+"""NestFactory, the applications it returns, and the clients that ``ClientsModule`` provides.
 
-``listen()`` serves until the app is closed, as in Nest.  ``start()`` and
-``close()`` are the non-blocking pair for code that already runs inside an
-event loop, such as a notebook cell.
+``start()`` is Nest's ``listen()``: it returns once the server is ready.
+``listen()`` here also waits until the app is closed, which is what a
+script's last line wants; ``start()`` and ``close()`` are the pair for code
+that already runs inside an event loop, such as a notebook cell.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .client import ClientProxy
+from .decorators import PATTERN_ATTR, PREFIX_ATTR, DynamicModule, Module
+from .exceptions import WiringError
 from .injector import Container
-from .patterns import PATTERN_ATTR
 from .server import Server
 from .transports import Transport, load
 
 if TYPE_CHECKING:
-    from .http import NestApplication
+    from .http import HttpServer
 
 
 async def call_hooks(instances: list[Any], name: str) -> None:
@@ -87,7 +91,7 @@ class NestMicroservice:
         return self
 
     async def listen(self) -> None:
-        """Serve until ``close()`` is called (from a handler, a signal, another task)."""
+        """Start, then serve until ``close()`` is called (by a handler, a signal, another task)."""
         await self.start()
         assert self._closed is not None
         await self._closed.wait()
@@ -147,14 +151,67 @@ class NestMicroservice:
         await self.close()
 
 
+class NestApplication:
+    """An HTTP app that can also serve message patterns: the chapter's hybrid app (2.3)."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.microservices: list[NestMicroservice] = []
+        self.http: HttpServer | None = None
+
+    def get(self, token: Any) -> Any:
+        return self.container.get(token)
+
+    def connect_microservice(
+        self, *, transport: Transport | int = Transport.TCP, options: dict[str, Any] | None = None
+    ) -> NestMicroservice:
+        """Serve this app's message patterns over ``transport`` as well."""
+        server = load(transport).SERVER(options)
+        register_handlers(server, self.container.controllers)
+        microservice = NestMicroservice(self.container, server, owns_container=False)
+        self.microservices.append(microservice)
+        return microservice
+
+    async def start_all_microservices(self) -> None:
+        for microservice in self.microservices:
+            await microservice.start()
+
+    async def listen(self, port: int = 3000, host: str = "127.0.0.1") -> None:
+        """Start HTTP and return once it accepts connections, as Nest's ``listen``."""
+        from .http import HttpServer  # Starlette loads only for HTTP apps
+
+        routes = [(c, getattr(type(c), PREFIX_ATTR, "")) for c in self.container.controllers]
+        self.http = HttpServer(routes)
+        await self.http.start(host, port)
+        await call_hooks(list(self.container.instances()), "on_application_bootstrap")
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` once listening."""
+        if self.http is None:
+            raise RuntimeError("the HTTP server is not listening yet: await app.listen() first")
+        return self.http.url
+
+    @property
+    def port(self) -> int:
+        return self.http.port if self.http is not None else 0
+
+    async def close(self) -> None:
+        """Close the microservices, then HTTP, then the providers (clients included)."""
+        for microservice in self.microservices:
+            await microservice.close()
+        if self.http is not None:
+            await self.http.close()
+        await call_hooks(list(self.container.instances()), "on_module_destroy")
+        await call_hooks(list(self.container.instances()), "on_application_shutdown")
+
+
 class NestFactory:
     """Creates applications from a root module."""
 
     @staticmethod
     async def create(module: Any) -> NestApplication:
         """An HTTP application; add transports with ``connect_microservice`` for a hybrid."""
-        from .http import NestApplication  # Starlette loads only for HTTP apps
-
         container = Container(module)
         await container.init()
         await call_hooks(list(container.instances()), "on_module_init")
@@ -175,3 +232,43 @@ class NestFactory:
         server = strategy if strategy is not None else load(transport).SERVER(options)
         register_handlers(server, container.controllers)
         return NestMicroservice(container, server)
+
+
+class ClientProxyFactory:
+    """Builds the client for a transport, as Nest's factory of the same name."""
+
+    @staticmethod
+    def create(
+        transport: Transport | int = Transport.TCP,
+        options: dict[str, Any] | None = None,
+        custom_class: type[ClientProxy] | None = None,
+    ) -> ClientProxy:
+        if custom_class is not None:
+            return custom_class(options)
+        return load(transport).CLIENT(options)
+
+
+@Module()
+class ClientsModule:
+    """``ClientsModule.register([...])`` provides one client per ``name`` token."""
+
+    @staticmethod
+    def register(clients: list[dict[str, Any]], *, is_global: bool = False) -> DynamicModule:
+        providers = []
+        for spec in clients:
+            if "name" not in spec:
+                raise WiringError(f"ClientsModule.register: client {spec!r} has no 'name'")
+            providers.append({"provide": spec["name"], "use_factory": _client_factory(spec)})
+        return DynamicModule(
+            ClientsModule,
+            providers=providers,
+            exports=[p["provide"] for p in providers],
+            is_global=is_global,
+        )
+
+
+def _client_factory(spec: dict[str, Any]) -> Callable[[], ClientProxy]:
+    transport = spec.get("transport", Transport.TCP)
+    options = spec.get("options")
+    custom = spec.get("custom_class")
+    return lambda: ClientProxyFactory.create(transport, options, custom)

@@ -33,13 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .client import ClientProxyFactory
-from .common import Controller, Module
-from .exceptions import NO_MESSAGE_HANDLER, RpcException
-from .factory import NestFactory
-from .patterns import EventPattern, MessagePattern
-from .transports import Transport
-from .transports.tcp import FrameDecoder, FrameError
+from .. import (
+    ClientProxyFactory,
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    RpcException,
+    Transport,
+)
+from ..packets import NO_MESSAGE_HANDLER
+from ..transports.json_socket import FrameDecoder, FrameError
 
 # The fuzz server's limits: small, so every limit is reached many times, and
 # a stalled frame costs a tenth of a second instead of Nest's 30.

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
+from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
 
 PATTERN = {"cmd": "sum"}
 DATA = [1, 2, 3]

@@ -26,11 +26,10 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from .. import ClientProxy, ClientProxyFactory, RpcError, Transport
+from ..transports.json_socket import FrameError
+from ..transports.tcp import DEFAULT_HOST, DEFAULT_PORT
 from . import brokers
-from .client import ClientProxy, ClientProxyFactory
-from .exceptions import RpcError
-from .transports import Transport
-from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT, FrameError
 
 if TYPE_CHECKING:
     import ipywidgets

@@ -1,7 +1,8 @@
-"""Module, Controller, Injectable and the markers used in ``Annotated``.
+"""Module, Controller, Injectable, MessagePattern, EventPattern and the ``Annotated`` markers.
 
-These only record metadata on the class; ``injector.py`` reads it.  Plain
-attributes keep the classes ordinary: no metaclass, nothing wrapped.
+These only record metadata on the class or function; ``injector.py`` and
+``app.py`` read it.  Plain attributes keep the classes ordinary: no
+metaclass, nothing wrapped.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 T = TypeVar("T", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
+Pattern = str | int | float | dict[str, Any]
 
 MODULE_ATTR = "__nestpy_module__"
 ROLE_ATTR = "__nestpy_role__"
+PREFIX_ATTR = "__nestpy_prefix__"
+PATTERN_ATTR = "__nestpy_patterns__"
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,6 @@ def _role(role: str) -> Callable[[T], T]:
     return decorate
 
 
-PREFIX_ATTR = "__nestpy_prefix__"
-
-
 @overload
 def Controller(cls: T, /) -> T: ...
 @overload
@@ -110,3 +112,27 @@ def Injectable(cls: None = None, /) -> Callable[[T], T]: ...
 def Injectable(cls: T | None = None, /) -> T | Callable[[T], T]:
     """Mark a class the injector may construct and share."""
     return _role("injectable")(cls) if cls is not None else _role("injectable")
+
+
+def _mark(pattern: Pattern, is_event: bool, extras: dict[str, Any] | None) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        marks = list(getattr(func, PATTERN_ATTR, ()))
+        marks.append((pattern, is_event, dict(extras or {})))
+        setattr(func, PATTERN_ATTR, marks)
+        return func
+
+    return decorate
+
+
+def MessagePattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
+    """Request-response: the handler's return value (or stream) is the reply.
+
+    ``extras`` are per-handler transport settings: ``{"queue": ...}`` on
+    NATS, ``{"qos": 1}`` on MQTT.
+    """
+    return _mark(pattern, False, extras)
+
+
+def EventPattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
+    """Fire-and-forget: every handler of the event runs, nothing is replied."""
+    return _mark(pattern, True, extras)

@@ -1,0 +1,348 @@
+"""What every broker transport shares, so that each broker's file holds only its wire.
+
+* **Where the broker is.**  The URL in the options, else the env URL
+  (``REDIS_URL``, ``NATS_URL``, ``MQTT_URL``, ``AMQP_URL``, ``KAFKA_BROKERS``),
+  else Nest's default address.  Two processes with default options therefore
+  meet, and where nothing answers both fail at once, saying how to get a
+  broker.  The framework never starts one: ``nestpy_mini.dev`` does that.
+* **Bounded waits.**  Connecting, subscribing and closing each have a bound,
+  so no ``await`` on a broker hangs.
+* **Reconnecting.**  One backoff policy, and hooks that every transport calls
+  on a loss and a return, whether its client library reconnects by itself
+  (NATS, RabbitMQ, Kafka) or ``Reconnect`` does it (Redis, MQTT).
+* **Reading and replying.**  A message is sorted by ``packets.read_incoming``
+  and routed by ``Server.route``; a reply is written through ``Reply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..client import ClientProxy
+from ..packets import Incoming, dumps, loads, read_incoming
+from ..server import LARGE_MESSAGE, Server
+
+T = TypeVar("T")
+
+ENV = {
+    "redis": "REDIS_URL",
+    "nats": "NATS_URL",
+    "mqtt": "MQTT_URL",
+    "rmq": "AMQP_URL",
+    "kafka": "KAFKA_BROKERS",
+}
+# Nest's defaults (constants.ts) on the loopback address; amqplib's guest
+# login is implied by Nest's bare "amqp://localhost".  Kafka names brokers
+# as a comma-separated host:port list, never as a URL.
+DEFAULT_URL = {
+    "redis": "redis://127.0.0.1:6379",
+    "nats": "nats://127.0.0.1:4222",
+    "mqtt": "mqtt://127.0.0.1:1883",
+    "rmq": "amqp://guest:guest@127.0.0.1:5672",
+    "kafka": "127.0.0.1:9092",
+}
+# Seconds.  Every wait on a broker is bounded by one of these.
+CONNECT_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 3.0
+# Reconnect attempts start this far apart and double up to the transport's cap.
+FIRST_RETRY_DELAY = 0.05
+
+
+def broker_urls(kind: str, given: Any) -> list[str]:
+    """The broker addresses a transport uses: those given, else the env URL, else Nest's default.
+
+    Read when connecting, never at construction, so that building a module
+    does not depend on the environment of the moment.
+    """
+    if given:
+        return [given] if isinstance(given, str) else [str(u) for u in given]
+    url = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
+    return [u.strip() for u in url.split(",") if u.strip()] if kind == "kafka" else [url]
+
+
+def redact(url: str) -> str:
+    """``url`` without its password: credentials never reach a log line or an error."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionError:
+    """The one line a user reads when no broker answers: where, why, and what to do."""
+    if kind == "rmq":
+        how = f"start RabbitMQ, or set {ENV[kind]} to one that runs"
+    else:
+        how = (
+            f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default "
+            f"port), or set {ENV[kind]} to one that runs"
+        )
+    return ConnectionError(f"cannot connect to {kind} at {where}: {why or repr(why)}; {how}")
+
+
+async def within(awaitable: Awaitable[T], seconds: float, what: str) -> T:
+    """``awaitable``, or a ``TimeoutError`` that says what took too long."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        raise TimeoutError(f"{what}: no answer within {seconds:g} s") from None
+
+
+async def quietly(awaitable: Awaitable[Any], log: logging.Logger, what: str) -> None:
+    """Close something within ``CLOSE_TIMEOUT``; a broker that is gone must not stall shutdown."""
+    try:
+        await within(awaitable, CLOSE_TIMEOUT, what)
+    except Exception as exc:
+        log.debug("%s: %r", what, exc)
+
+
+class Reconnect:
+    """Brings a lost connection back, with the one backoff policy of every transport.
+
+    ``connect`` makes a new connection and subscribes everything again, or
+    raises.  Attempts start ``FIRST_RETRY_DELAY`` apart and double up to
+    ``cap`` seconds; ``attempts`` bounds their number (None: until closed).
+    One line is logged when the connection is lost and one when it is back.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Any]],
+        log: logging.Logger,
+        where: Callable[[], str],
+        cap: float,
+        attempts: int | None = None,
+    ) -> None:
+        self._connect = connect
+        self._log = log
+        self._where = where
+        self.cap = cap
+        self.attempts = attempts
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, cause: BaseException | None) -> None:
+        if self.running:
+            return
+        self._log.warning("lost %s (%s); reconnecting", self._where(), cause or "closed")
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        delay, attempt = FIRST_RETRY_DELAY, 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except Exception as exc:
+                if self.attempts is not None and attempt >= self.attempts:
+                    self._log.error(
+                        "gave up reconnecting to %s after %d attempts (%s)",
+                        self._where(), attempt, exc,
+                    )
+                    return
+                delay = min(delay * 2, self.cap)
+                continue
+            self._log.info("back on %s after %d attempt(s)", self._where(), attempt)
+            return
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+
+class Reply:
+    """Writes the reply packets of one request to where its transport sends them.
+
+    The packet is encoded when the server base calls it, so that a value JSON
+    cannot hold raises there, and the base answers with an error instead.
+    With ``hold`` the packets made while a synchronous handler runs are kept,
+    and the transport writes them after dispatch with ``flush()`` (no task
+    per reply, which is most replies); later ones are written as they come.
+    """
+
+    __slots__ = ("held", "send")
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None] | None], hold: bool = False) -> None:
+        self.send = send
+        self.held: list[bytes] | None = [] if hold else None
+
+    def __call__(self, packet: dict[str, Any]) -> Awaitable[None] | None:
+        body = dumps(packet).encode()
+        if self.held is not None:
+            self.held.append(body)
+            return None
+        return self.send(body)
+
+    async def flush(self, log: logging.Logger) -> None:
+        held, self.held = self.held, None
+        for body in held or ():
+            try:
+                sent = self.send(body)
+                if sent is not None:
+                    await sent
+            except Exception as exc:  # the broker went away; the server goes on
+                log.warning("could not deliver a reply: %r", exc)
+
+
+class BrokerServer(Server):
+    """A server whose messages come through a broker.
+
+    A transport sets ``kind``, implements ``_open`` (connect and subscribe),
+    ``_stop_taking`` (stop consuming, so draining ends) and ``_shutdown``
+    (disconnect), and feeds every message to ``read`` then ``dispatch``.
+    """
+
+    kind = ""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.connect_timeout = float(self.options.get("connect_timeout", CONNECT_TIMEOUT))
+        self.urls: list[str] = []
+        self._open_now = False
+
+    def describe(self) -> str:
+        return ",".join(map(redact, self.urls)) or f"{self.kind} (not connected yet)"
+
+    async def listen(self) -> None:
+        """Connect and subscribe every handler; return once the broker holds them all."""
+        if self._open_now:
+            return
+        try:
+            await within(self._open(), self.connect_timeout, f"connecting to {self.describe()}")
+        except (OSError, TimeoutError) as exc:
+            await self._shutdown()
+            raise unreachable(self.kind, self.describe(), exc) from exc
+        except BaseException:
+            await self._shutdown()
+            raise
+        self._open_now = True
+
+    async def close(self) -> None:
+        """Stop taking messages, let running handlers reply, then disconnect."""
+        if not self._open_now:
+            return
+        self._open_now = False
+        await self._stop_taking()
+        await self.drain()
+        await self._shutdown()
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _stop_taking(self) -> None:
+        raise NotImplementedError
+
+    async def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    def read(self, body: bytes, channel: str | None = None) -> Incoming | None:
+        """One message's packet, or None (logged) when it must be dropped."""
+        try:
+            packet = loads(body)
+        except (ValueError, RecursionError):
+            self.logger.warning("dropped a message on %.200r that is not JSON", channel)
+            return None
+        message = read_incoming(packet, channel)
+        if isinstance(message, str):
+            self.logger.warning("dropped a message on %.200r: %s", channel, message)
+            return None
+        return message
+
+    def route_of(self, message: Incoming, body: bytes) -> str | None:
+        """The route of a message routed by its body's pattern, screened when large."""
+        return self.route(message.pattern, len(body) > LARGE_MESSAGE)
+
+
+class BrokerClient(ClientProxy):
+    """A client whose requests go through a broker: where it is, and reading replies."""
+
+    kind = ""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.urls: list[str] = []
+
+    def describe(self) -> str:
+        return ",".join(map(redact, self.urls)) or f"{self.kind} (not connected yet)"
+
+    def _cannot_connect(self, why: str) -> ConnectionError:
+        return unreachable(self.kind, self.describe(), why)
+
+    def _on_body(self, body: bytes, msg_id: str | None = None) -> None:
+        """One reply as it came off the broker; ``msg_id`` where the transport carries it aside."""
+        try:
+            packet = loads(body)
+        except (ValueError, RecursionError):
+            self.logger.warning("dropped a reply that is not JSON: %.80r", body)
+            return
+        self._on_reply(packet, msg_id)
+
+    async def _unless_done(self, msg_id: str, step: Awaitable[Any]) -> bool:
+        """Await ``step`` (a subscription, a confirmation), unless the request ends
+        first (its timeout, a lost connection): then False, and the request
+        raises its own error."""
+        call = self._routing.get(msg_id)
+        task = asyncio.ensure_future(step)
+        if call is None:
+            await task
+            return True
+        await asyncio.wait([task, call.done], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        return False
+
+
+class Subscriptions:
+    """Reply channels, each subscribed once, before the first request that needs it.
+
+    A reply published before the broker confirms the subscription would be
+    lost, so the first request on a pattern waits for ``ensure``; concurrent
+    first requests share one SUBSCRIBE.  After a reconnect the transport
+    subscribes ``names`` again and marks them ready.
+    """
+
+    def __init__(self, subscribe: Callable[[str], Awaitable[None]]) -> None:
+        self._subscribe = subscribe
+        self.ready: set[str] = set()
+        self.names: dict[str, None] = {}  # every channel ever used, in order
+        self._pending: dict[str, asyncio.Future[None]] = {}
+
+    async def ensure(self, name: str) -> None:
+        future = self._pending.get(name)
+        if future is None:
+            future = self._pending[name] = asyncio.ensure_future(self._subscribe(name))
+            future.add_done_callback(lambda f: self._settled(name, f))
+        # Shielded: one request's timeout must not cancel the others' wait.
+        await asyncio.shield(future)
+
+    def _settled(self, name: str, future: asyncio.Future[None]) -> None:
+        if self._pending.get(name) is future:
+            del self._pending[name]
+        if not future.cancelled() and future.exception() is None:
+            self.names[name] = None
+            self.ready.add(name)
+
+    def lost(self) -> None:
+        """The connection is gone: nothing is subscribed until the transport says so."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self.ready.clear()
+
+    def clear(self) -> None:
+        self.lost()
+        self.names.clear()
