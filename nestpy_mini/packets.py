@@ -154,6 +154,7 @@ class Incoming(NamedTuple):
     data: Any
     id: Any
     is_request: bool
+    metadata: Any = None  # what a Nest client's dispatch hook put beside the data
 
 
 def read_incoming(packet: Any, channel: str | None) -> Incoming | str:
@@ -171,12 +172,13 @@ def read_incoming(packet: Any, channel: str | None) -> Incoming | str:
         return Incoming(channel, packet, None, False)
     if channel is not None and "pattern" not in packet and "data" not in packet:
         return Incoming(channel, packet, None, False)
+    pattern, data, metadata = packet.get("pattern"), packet.get("data"), packet.get("metadata")
     if "id" not in packet:
-        return Incoming(packet.get("pattern"), packet.get("data"), None, False)
+        return Incoming(pattern, data, None, False, metadata)
     msg_id = packet["id"]
     if type(msg_id) is not str and not writable_id(msg_id):
         return "its id cannot be written back as JSON"
-    return Incoming(packet.get("pattern"), packet.get("data"), msg_id, True)
+    return Incoming(pattern, data, msg_id, True, metadata)
 
 
 def writable_id(msg_id: Any) -> bool:

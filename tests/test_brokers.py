@@ -44,7 +44,7 @@ def test_probe_rejects_a_port_that_speaks_another_protocol(kind: str, stranger: 
 
 @pytest.mark.parametrize("kind", ["redis", "nats", "mqtt"])
 def test_embedded_brokers_start_answer_and_stop(kind: str) -> None:
-    broker = brokers.start_embedded(kind)
+    broker = brokers.start(kind)
     host, port = brokers._host_port(kind, broker.url)
     try:
         assert broker.embedded and host == "127.0.0.1"
@@ -58,11 +58,11 @@ def test_rabbitmq_has_no_embedded_broker_and_says_so() -> None:
     with pytest.raises(
         brokers.BrokerUnavailable, match="rmq: no broker ships with pip; set AMQP_URL"
     ):
-        brokers.start_embedded("rmq")
+        brokers.start("rmq")
 
 
 def test_env_url_wins_and_is_reported(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    broker = brokers.start_embedded("nats")
+    broker = brokers.start("nats")
     try:
         monkeypatch.setenv("NATS_URL", broker.url)
         found = brokers.find("nats")

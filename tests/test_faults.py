@@ -220,7 +220,7 @@ async def test_a_broker_killed_under_load_fails_fast_and_recovers(
 ) -> None:
     broker_url(kind)  # skips, with the reason, where this kind of broker cannot run
     port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start_embedded, kind, port)
+    broker = await asyncio.to_thread(brokers.start, kind, port)
     options: dict[str, Any] = (
         {"servers": broker.url, "reconnect_time_wait": 0.05}
         if kind == "nats"
@@ -271,7 +271,7 @@ async def test_a_broker_killed_under_load_fails_fast_and_recovers(
         fail_time = loop.time() - killed_at
         assert all(isinstance(r, ConnectionError) for r in results), Counter(map(repr, results))
 
-        broker = await asyncio.to_thread(brokers.start_embedded, kind, port)
+        broker = await asyncio.to_thread(brokers.start, kind, port)
         restarted_at = loop.time()
         await wait_until(lambda: min(last_ok) > restarted_at, within=10)
         recovered = loop.time() - restarted_at

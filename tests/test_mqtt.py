@@ -359,7 +359,7 @@ async def test_many_concurrent_requests_and_non_ascii(client: MqttClient) -> Non
 
 async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
     port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+    broker = await asyncio.to_thread(brokers.start, "mqtt", port)
     options = {"url": broker.url, "reconnect_period": 0.1}
     app = await NestFactory.create_microservice(
         AppModule, transport=Transport.MQTT, options={**options, "close_grace": 0.2}
@@ -382,7 +382,7 @@ async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
             with pytest.raises(ConnectionError, match="reconnecting"):
                 await client.send(T + "sum", [1, 2])
             assert loop.time() - started < 1.0  # within its timeout
-            broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+            broker = await asyncio.to_thread(brokers.start, "mqtt", port)
             deadline = loop.time() + 5
             while True:
                 try:
@@ -402,7 +402,7 @@ async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
 
 async def test_reconnect_can_be_bounded(caplog: pytest.LogCaptureFixture) -> None:
     port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+    broker = await asyncio.to_thread(brokers.start, "mqtt", port)
     client = MqttClient({"url": broker.url, "timeout": 1, "max_reconnect_attempts": 2})
     try:
         await client.connect()
@@ -413,7 +413,7 @@ async def test_reconnect_can_be_bounded(caplog: pytest.LogCaptureFixture) -> Non
         # A link that gave up is replaced by a fresh connect on the next send.
         with pytest.raises(ConnectionError, match="cannot connect"):
             await client.send(T + "sum", [1])
-        broker = await asyncio.to_thread(brokers.start_embedded, "mqtt", port)
+        broker = await asyncio.to_thread(brokers.start, "mqtt", port)
         await client.connect()
         assert client.is_connected
     finally:

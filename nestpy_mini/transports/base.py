@@ -5,11 +5,9 @@
   else Nest's default address.  Two processes with default options therefore
   meet, and where nothing answers both fail at once, saying how to get a
   broker.  The framework never starts one: ``nestpy_mini.dev`` does that.
-* **Bounded waits.**  Connecting, subscribing and closing each have a bound,
-  so no ``await`` on a broker hangs.
-* **Reconnecting.**  One backoff policy, and hooks that every transport calls
-  on a loss and a return, whether its client library reconnects by itself
-  (NATS, RabbitMQ, Kafka) or ``Reconnect`` does it (Redis, MQTT).
+* **Bounded waits.**  Connecting, subscribing and closing each have a bound.
+* **Reconnecting.**  One backoff policy (``Reconnect``, for Redis and MQTT,
+  whose libraries do not reconnect) and the same two log lines everywhere.
 * **Reading and replying.**  A message is sorted by ``packets.read_incoming``
   and routed by ``Server.route``; a reply is written through ``Reply``.
 """
@@ -29,13 +27,8 @@ from ..server import LARGE_MESSAGE, Server
 
 T = TypeVar("T")
 
-ENV = {
-    "redis": "REDIS_URL",
-    "nats": "NATS_URL",
-    "mqtt": "MQTT_URL",
-    "rmq": "AMQP_URL",
-    "kafka": "KAFKA_BROKERS",
-}
+ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
+ENV["kafka"] = "KAFKA_BROKERS"
 # Nest's defaults (constants.ts) on the loopback address; amqplib's guest
 # login is implied by Nest's bare "amqp://localhost".  Kafka names brokers
 # as a comma-separated host:port list, never as a URL.
@@ -74,6 +67,11 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def describe(kind: str, urls: list[str]) -> str:
+    """Where a side connects, for logs and errors: never with a password."""
+    return ",".join(map(redact, urls)) or f"{kind} (not connected yet)"
+
+
 def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionError:
     """The one line a user reads when no broker answers: where, why, and what to do."""
     if kind == "rmq":
@@ -83,14 +81,18 @@ def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionEr
             f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default "
             f"port), or set {ENV[kind]} to one that runs"
         )
-    return ConnectionError(f"cannot connect to {kind} at {where}: {why or repr(why)}; {how}")
+    text = str(why).rstrip(". ") or repr(why)
+    return ConnectionError(f"cannot connect to {kind} at {where}: {text}; {how}")
 
 
 async def within(awaitable: Awaitable[T], seconds: float, what: str) -> T:
     """``awaitable``, or a ``TimeoutError`` that says what took too long."""
     try:
-        return await asyncio.wait_for(awaitable, seconds)
+        async with asyncio.timeout(seconds) as bound:
+            return await awaitable
     except TimeoutError:
+        if not bound.expired():  # the awaitable's own timeout, with its own words
+            raise
         raise TimeoutError(f"{what}: no answer within {seconds:g} s") from None
 
 
@@ -100,6 +102,17 @@ async def quietly(awaitable: Awaitable[Any], log: logging.Logger, what: str) -> 
         await within(awaitable, CLOSE_TIMEOUT, what)
     except Exception as exc:
         log.debug("%s: %r", what, exc)
+
+
+def log_lost(log: logging.Logger, where: str, cause: BaseException | str | None) -> None:
+    """The one line logged when a connection to a broker is lost, whoever reconnects."""
+    log.warning("lost %s (%s); reconnecting", where, cause or "closed")
+
+
+def log_back(log: logging.Logger, where: str, attempts: int | None = None) -> None:
+    """The one line logged when it is back, with every subscription in place again."""
+    after = f" after {attempts} attempt(s)" if attempts else ""
+    log.info("back on %s%s; subscriptions restored", where, after)
 
 
 class Reconnect:
@@ -119,11 +132,8 @@ class Reconnect:
         cap: float,
         attempts: int | None = None,
     ) -> None:
-        self._connect = connect
-        self._log = log
-        self._where = where
-        self.cap = cap
-        self.attempts = attempts
+        self._connect, self._log, self._where = connect, log, where
+        self.cap, self.attempts = cap, attempts
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -131,10 +141,9 @@ class Reconnect:
         return self._task is not None and not self._task.done()
 
     def start(self, cause: BaseException | None) -> None:
-        if self.running:
-            return
-        self._log.warning("lost %s (%s); reconnecting", self._where(), cause or "closed")
-        self._task = asyncio.ensure_future(self._run())
+        if not self.running:
+            log_lost(self._log, self._where(), cause)
+            self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         delay, attempt = FIRST_RETRY_DELAY, 0
@@ -152,7 +161,7 @@ class Reconnect:
                     return
                 delay = min(delay * 2, self.cap)
                 continue
-            self._log.info("back on %s after %d attempt(s)", self._where(), attempt)
+            log_back(self._log, self._where(), attempt)
             return
 
     async def cancel(self) -> None:
@@ -199,9 +208,11 @@ class Reply:
 class BrokerServer(Server):
     """A server whose messages come through a broker.
 
-    A transport sets ``kind``, implements ``_open`` (connect and subscribe),
-    ``_stop_taking`` (stop consuming, so draining ends) and ``_shutdown``
-    (disconnect), and feeds every message to ``read`` then ``dispatch``.
+    A transport sets ``kind``, implements ``_open`` (connect and subscribe;
+    an unreachable broker raises ``OSError``, ``ConnectionError`` included),
+    ``_stop_taking`` (stop consuming, so that draining ends) and
+    ``_shutdown`` (disconnect), and feeds every message to ``read``, then to
+    ``dispatch`` with its route.
     """
 
     kind = ""
@@ -213,7 +224,7 @@ class BrokerServer(Server):
         self._open_now = False
 
     def describe(self) -> str:
-        return ",".join(map(redact, self.urls)) or f"{self.kind} (not connected yet)"
+        return describe(self.kind, self.urls)
 
     async def listen(self) -> None:
         """Connect and subscribe every handler; return once the broker holds them all."""
@@ -275,7 +286,7 @@ class BrokerClient(ClientProxy):
         self.urls: list[str] = []
 
     def describe(self) -> str:
-        return ",".join(map(redact, self.urls)) or f"{self.kind} (not connected yet)"
+        return describe(self.kind, self.urls)
 
     def _cannot_connect(self, why: str) -> ConnectionError:
         return unreachable(self.kind, self.describe(), why)

@@ -126,7 +126,7 @@ class TcpServer(Server):
         if route is None and not message.is_request:
             self.logger.warning("dropped an event from %s: no handler can match it", conn.peer)
             return
-        ctx = TcpContext((conn, message.pattern, packet.get("metadata")))
+        ctx = TcpContext((conn, message.pattern, message.metadata))
         self.dispatch(message, route, ctx, conn.write)
 
     async def close(self) -> None:
