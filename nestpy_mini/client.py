@@ -311,6 +311,12 @@ class ClientProxy:
         for call in pending.values():
             call.fail(exc)
 
+    def _fail_request(self, msg_id: Any, exc: BaseException) -> None:
+        """One request failed on its way out (refused by the broker, say); the rest go on."""
+        call = self._routing.get(msg_id)
+        if call is not None:
+            call.fail(exc)
+
     def _on_reply(self, packet: Any, msg_id: str | None = None) -> None:
         """Apply one decoded reply (see ``packets.read_reply``); others are dropped."""
         reply = read_reply(packet, msg_id)

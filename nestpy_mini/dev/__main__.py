@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 
-from ..transports.base import DEFAULT_URL
+from ..transports import DEFAULT_URL
 
 
 def broker(argv: list[str]) -> int:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..transports.base import DEFAULT_URL, ENV, redact
+from ..transports import DEFAULT_URL, ENV, redact
 
 __all__ = ["ENV", "Broker", "BrokerUnavailable", "find", "free_port", "redact", "report", "start"]
 

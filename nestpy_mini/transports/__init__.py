@@ -1,14 +1,19 @@
-"""The transports, loaded on first use so that ``import nestpy_mini`` stays light.
+"""The transports, and Nest's defaults for where their brokers are (its ``constants.ts``).
 
-Each module holds one transport's server and client side by side and names
-them ``SERVER`` and ``CLIENT``.
+Each module holds one transport's server and client side by side, named
+``SERVER`` and ``CLIENT``.  A module is loaded on first use, so that
+``import nestpy_mini`` stays light and needs no broker library: each broker
+transport comes with its extra, ``pip install 'nestpy-mini[redis]'`` and so on.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from enum import IntEnum
 from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
 
 
 class Transport(IntEnum):
@@ -23,23 +28,66 @@ class Transport(IntEnum):
     KAFKA = 6
 
 
+# The module of each transport, and the extra that installs its broker library.
 _MODULES = {
-    Transport.TCP: "tcp",
-    Transport.REDIS: "redis",
-    Transport.NATS: "nats",
-    Transport.MQTT: "mqtt",
-    Transport.RMQ: "rmq",
-    Transport.KAFKA: "kafka",
+    Transport.TCP: ("tcp", None),
+    Transport.REDIS: ("redis", "redis"),
+    Transport.NATS: ("nats", "nats"),
+    Transport.MQTT: ("mqtt", "mqtt"),
+    Transport.RMQ: ("rmq", "rmq"),
+    Transport.KAFKA: ("kafka", "kafka"),
+}
+
+ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
+ENV["kafka"] = "KAFKA_BROKERS"
+# Nest's defaults on the loopback address; amqplib's guest login is implied
+# by Nest's bare "amqp://localhost".  Kafka names brokers as a comma-separated
+# host:port list, never as a URL.
+DEFAULT_URL = {
+    "redis": "redis://127.0.0.1:6379",
+    "nats": "nats://127.0.0.1:4222",
+    "mqtt": "mqtt://127.0.0.1:1883",
+    "rmq": "amqp://guest:guest@127.0.0.1:5672",
+    "kafka": "127.0.0.1:9092",
 }
 
 
 def load(transport: Transport | int) -> ModuleType:
-    """The module implementing ``transport``; a clear error for one not built yet."""
+    """The module implementing ``transport``; one clear line when it cannot be loaded."""
     transport = Transport(transport)
-    name = _MODULES.get(transport)
-    if name is None:
+    if transport not in _MODULES:
         available = ", ".join(t.name for t in _MODULES)
         raise NotImplementedError(
             f"Transport.{transport.name} is not available in nestpy_mini (available: {available})"
         )
-    return importlib.import_module(f"{__name__}.{name}")
+    name, extra = _MODULES[transport]
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if extra is None or (exc.name or "").startswith(__package__ or "nestpy_mini"):
+            raise
+        raise ModuleNotFoundError(
+            f"Transport.{transport.name} needs {exc.name}: pip install 'nestpy-mini[{extra}]'",
+            name=exc.name,
+        ) from None
+
+
+def broker_urls(kind: str, given: Any) -> list[str]:
+    """The broker addresses a transport uses: those given, else the env URL, else Nest's default.
+
+    Read when connecting, never at construction, so that building a module
+    does not depend on the environment of the moment.
+    """
+    if given:
+        return [given] if isinstance(given, str) else [str(u) for u in given]
+    url = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
+    return [u.strip() for u in url.split(",") if u.strip()] if kind == "kafka" else [url]
+
+
+def redact(url: str) -> str:
+    """``url`` without its password: credentials never reach a log line or an error."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()

@@ -1,10 +1,9 @@
 """What every broker transport shares, so that each broker's file holds only its wire.
 
-* **Where the broker is.**  The URL in the options, else the env URL
-  (``REDIS_URL``, ``NATS_URL``, ``MQTT_URL``, ``AMQP_URL``, ``KAFKA_BROKERS``),
-  else Nest's default address.  Two processes with default options therefore
-  meet, and where nothing answers both fail at once, saying how to get a
-  broker.  The framework never starts one: ``nestpy_mini.dev`` does that.
+* **Where the broker is.**  The URL in the options, else the env URL, else
+  Nest's default address (``broker_urls``).  Two processes with default
+  options therefore meet, and where nothing answers both fail at once, saying
+  how to get a broker.  The framework never starts one: ``nestpy_mini.dev`` does.
 * **Bounded waits.**  Connecting, subscribing and closing each have a bound.
 * **Reconnecting.**  One backoff policy (``Reconnect``, for Redis and MQTT,
   whose libraries do not reconnect) and the same two log lines everywhere.
@@ -16,55 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from ..client import ClientProxy
 from ..packets import Incoming, dumps, loads, read_incoming
 from ..server import LARGE_MESSAGE, Server
+from . import ENV, broker_urls, redact
+
+__all__ = ["broker_urls", "redact"]  # where brokers are: in the package, for every transport
 
 T = TypeVar("T")
 
-ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
-ENV["kafka"] = "KAFKA_BROKERS"
-# Nest's defaults (constants.ts) on the loopback address; amqplib's guest
-# login is implied by Nest's bare "amqp://localhost".  Kafka names brokers
-# as a comma-separated host:port list, never as a URL.
-DEFAULT_URL = {
-    "redis": "redis://127.0.0.1:6379",
-    "nats": "nats://127.0.0.1:4222",
-    "mqtt": "mqtt://127.0.0.1:1883",
-    "rmq": "amqp://guest:guest@127.0.0.1:5672",
-    "kafka": "127.0.0.1:9092",
-}
 # Seconds.  Every wait on a broker is bounded by one of these.
 CONNECT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 3.0
 # Reconnect attempts start this far apart and double up to the transport's cap.
 FIRST_RETRY_DELAY = 0.05
-
-
-def broker_urls(kind: str, given: Any) -> list[str]:
-    """The broker addresses a transport uses: those given, else the env URL, else Nest's default.
-
-    Read when connecting, never at construction, so that building a module
-    does not depend on the environment of the moment.
-    """
-    if given:
-        return [given] if isinstance(given, str) else [str(u) for u in given]
-    url = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
-    return [u.strip() for u in url.split(",") if u.strip()] if kind == "kafka" else [url]
-
-
-def redact(url: str) -> str:
-    """``url`` without its password: credentials never reach a log line or an error."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 def describe(kind: str, urls: list[str]) -> str:
@@ -130,10 +97,10 @@ class Reconnect:
         log: logging.Logger,
         where: Callable[[], str],
         cap: float,
-        attempts: int | None = None,
+        attempts: Any = None,
     ) -> None:
         self._connect, self._log, self._where = connect, log, where
-        self.cap, self.attempts = cap, attempts
+        self.cap, self.attempts = cap, None if attempts is None else int(attempts)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -216,12 +183,21 @@ class BrokerServer(Server):
     """
 
     kind = ""
+    # The options that name the reconnect backoff's cap (with its default, in
+    # seconds) and its number of attempts, in the transport's Nest names.
+    retry_options: tuple[str, float, str] = ("retry_delay", 1.0, "retry_attempts")
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.connect_timeout = float(self.options.get("connect_timeout", CONNECT_TIMEOUT))
         self.urls: list[str] = []
         self._open_now = False
+        cap, default, attempts = self.retry_options
+        cap_seconds = float(self.options.get(cap, default))
+        # For libraries that do not reconnect by themselves: _open again, backing off.
+        self.reconnect = Reconnect(
+            self._open, self.logger, self.describe, cap_seconds, self.options.get(attempts)
+        )
 
     def describe(self) -> str:
         return describe(self.kind, self.urls)
@@ -245,12 +221,18 @@ class BrokerServer(Server):
         if not self._open_now:
             return
         self._open_now = False
+        await self.reconnect.cancel()
         await self._stop_taking()
         await self.drain()
         await self._shutdown()
 
     async def _open(self) -> None:
         raise NotImplementedError
+
+    def _lost(self, cause: BaseException | None) -> None:
+        """The connection to the broker is gone: reconnect, unless closing."""
+        if self._open_now:
+            self.reconnect.start(cause)
 
     async def _stop_taking(self) -> None:
         raise NotImplementedError
@@ -290,6 +272,12 @@ class BrokerClient(ClientProxy):
 
     def _cannot_connect(self, why: str) -> ConnectionError:
         return unreachable(self.kind, self.describe(), why)
+
+    def _require(self, connection: T | None) -> T:
+        """``connection``, or the error a send gets while there is none (lost, closed)."""
+        if connection is None:
+            raise ConnectionError(f"not connected to {self.describe()}")
+        return connection
 
     def _on_body(self, body: bytes, msg_id: str | None = None) -> None:
         """One reply as it came off the broker; ``msg_id`` where the transport carries it aside."""

@@ -1,11 +1,10 @@
 """Redis: Nest's ``server-redis`` and ``client-redis``, on redis-py's connections.
 
-The server subscribes to each handler's route as a channel (``PSUBSCRIBE``
-with ``wildcards``) and answers on ``<channel>.reply``.  A request is
-``PUBLISH <route> {"pattern", "data", "id"}``, sent once the client's
-``SUBSCRIBE <route>.reply`` is confirmed, so that the reply cannot be
-missed; an event has no ``id``.  Pub/sub is not a queue: what is published
-while nobody listens is lost, and every instance gets every message.
+The server subscribes to each route as a channel and answers on
+``<channel>.reply``; a request is published once the client's subscription
+to that reply channel is confirmed, so the reply cannot be missed.  Pub/sub
+is not a queue: what is published while nobody listens is lost, and every
+instance gets every message.
 """
 
 from __future__ import annotations
@@ -30,20 +29,12 @@ from .base import (
     CLOSE_TIMEOUT,
     BrokerClient,
     BrokerServer,
-    Reconnect,
     Reply,
     Subscriptions,
     broker_urls,
     quietly,
     within,
 )
-
-REPLY_SUFFIX = ".reply"
-# Seconds: a PUBLISH the broker does not confirm within this fails; an idle
-# subscriber PINGs after ping_interval and is lost if nothing answers as long.
-DEFAULT_COMMAND_TIMEOUT = 5.0
-DEFAULT_PING_INTERVAL = 30.0
-DEFAULT_RETRY_DELAY = 1.0  # the cap of the server's re-subscribe backoff
 
 OnMessage = Callable[[bytes, bytes, bytes | None], None]  # channel, payload, glob
 OnFailed = Callable[[Any, BaseException], None]  # a message's token, and why
@@ -55,8 +46,7 @@ class RedisContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_channel(self) -> str:
-        """The channel the message came on (with ``wildcards``: the concrete one)."""
+    def get_channel(self) -> str:  # with wildcards: the concrete channel
         return self.args[0]
 
     def get_metadata(self) -> Any:
@@ -64,12 +54,9 @@ class RedisContext(BaseRpcContext):
 
 
 def pack_publish(channel: bytes, payload: bytes) -> bytes:
-    """``PUBLISH channel payload`` in RESP: the Redis fast path's seam.
-
-    redis-py's ``pack_command("PUBLISH", channel, payload)`` gives the same
-    bytes (a test compares them) in 2.3 µs against 0.2 µs here, on a reply
-    of 50 bytes; every request costs two publishes, one on each side.
-    """
+    """``PUBLISH channel payload`` in RESP: the Redis fast path's seam.  redis-py's
+    ``pack_command`` gives the same bytes (a test compares them) in 2.3 µs against
+    0.2 µs, for a 50-byte reply; each request costs two publishes, one a side."""
     return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
         len(channel), channel, len(payload), payload,
     )
@@ -81,23 +68,28 @@ class _Link:
     Raw connections, not redis-py's ``PubSub``, which reconnects behind its
     caller's back and builds a dict per message.  PUBLISHes leave as they
     queue up, never waiting for earlier confirmations: waiting a round trip
-    per batch, as a pipeline does, cost a third of the throughput.  Each has
-    a token: a future gets the subscriber count, another goes to
-    ``on_failed`` if its message fails.
-    """
+    per batch, as a pipeline does, cost a third of the throughput.  A token
+    goes with each: a future gets the subscriber count, others go to
+    ``on_failed`` if the message fails.  A watchdog looks every
+    ``command_timeout`` s for PUBLISHes unconfirmed, and every
+    ``ping_interval`` s PINGs an idle subscriber, which must answer by the
+    next look."""
 
-    def __init__(self, url: str, options: dict[str, Any], on_message: OnMessage,
-                 on_failed: OnFailed, on_lost: Callable[[_Link, BaseException], None]) -> None:
+    def __init__(self, side: Any, on_message: OnMessage, on_failed: OnFailed,
+                 on_lost: Callable[[Any, BaseException], None]) -> None:
+        options = side.options
+        side.urls = broker_urls("redis", options.get("url"))
+        if options.get("host") or options.get("port"):  # Nest's host/port options
+            host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
+            side.urls = [f"redis://{host}:{port}/{options.get('db', 0)}"]
         settings = {k: options[k] for k in ("username", "password", "db") if options.get(k)}
-        pool = ConnectionPool.from_url(
-            url, retry=Retry(NoBackoff(), 0), protocol=2, socket_keepalive=True, **settings
-        )  # no retries: outages are handled here; RESP2: messages as plain arrays
+        pool = ConnectionPool.from_url(  # no retries: outages are handled here, once
+            side.urls[0], retry=Retry(NoBackoff(), 0), protocol=2, socket_keepalive=True, **settings
+        )
         self.pub, self.sub = pool.make_connection(), pool.make_connection()
         self._on_message, self._on_failed, self._on_lost = on_message, on_failed, on_lost
-        self.limits = (
-            float(options.get("command_timeout", DEFAULT_COMMAND_TIMEOUT)),
-            float(options.get("ping_interval", DEFAULT_PING_INTERVAL)),
-        )
+        limits = options.get("command_timeout", 5.0), options.get("ping_interval", 30.0)
+        self.limits = tuple(map(float, limits))
         self.lost: BaseException | None = None
         self._queue: list[tuple[bytes, Any]] = []
         self._tokens: deque[Any] = deque()  # of PUBLISHes written, oldest first
@@ -105,16 +97,20 @@ class _Link:
         self._tasks: list[asyncio.Task[Any]] = []
         self._heard = [0, 0]  # responses read on pub and on sub
         self._timers: list[asyncio.TimerHandle] = []
-        self._flushed: asyncio.Future[None] | None = None  # by close(): all confirmed
+        self._flushed: asyncio.Future[None] | None = None  # close() waits: all confirmed
 
-    async def open(self, seconds: float) -> None:
+    async def open(self, seconds: float) -> _Link:
         try:
-            await within(asyncio.gather(self.pub.connect(), self.sub.connect()), seconds, "connecting")
-        except RedisError as exc:  # refused, or bad credentials: not an OSError in redis-py
-            raise ConnectionError(str(exc)) from exc
-        self._tasks = [asyncio.ensure_future(self._read(0)), asyncio.ensure_future(self._read(1))]
+            await within(asyncio.gather(self.pub.connect(), self.sub.connect()), seconds, "connect")
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, RedisError):  # refused, bad credentials: no OSError in redis-py
+                raise ConnectionError(str(exc)) from exc
+            raise
+        self._tasks = [asyncio.ensure_future(self._read(which)) for which in (0, 1)]
         self._watch(0, -1, False)
         self._watch(1, -1, False)
+        return self
 
     async def _read(self, which: int) -> None:
         conn, handle = (self.pub, self._confirmed) if which == 0 else (self.sub, self._received)
@@ -133,14 +129,14 @@ class _Link:
         """Each period: a connection that owes an answer and was silent throughout is lost."""
         silent = self._heard[which] == heard
         if silent and (asked if which else bool(self._tokens)):
-            what = f"to PING within {2 * self.limits[1]:g}" if which else f"to PUBLISH within {self.limits[0]:g}"
-            self.lose(TimeoutError(f"no answer from redis {what} s"))
+            what = ("PUBLISH", self.limits[0]) if which == 0 else ("PING", 2 * self.limits[1])
+            self.lose(TimeoutError(f"no answer from redis to {what[0]} within {what[1]:g} s"))
             return
         if which and silent:  # an idle subscriber: ask, to hear by the next look
             ping = asyncio.ensure_future(self.sub.send_command("PING", check_health=False))
             ping.add_done_callback(lambda t: t.cancelled() or t.exception())
         args = (which, self._heard[which], silent)
-        self._timers[which:which + 1] = [
+        self._timers[which : which + 1] = [
             asyncio.get_running_loop().call_later(self.limits[which], self._watch, *args)
         ]
 
@@ -203,18 +199,16 @@ class _Link:
         for future in acks.values():
             if not future.done():
                 future.set_exception(error)
-                future.exception()  # nobody may be waiting for it
+                future.exception()  # retrieved: nobody may be waiting for it
 
     def lose(self, exc: BaseException) -> None:
         """Fail all that waits on this link, once, disconnect, and tell the owner."""
         if self.lost is not None:
             return
         self.lost = exc
-        for timer in self._timers:
-            timer.cancel()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+        for handle in [*self._timers, *self._tasks]:
+            if handle is not asyncio.current_task():
+                handle.cancel()
         self._fail_acks(ConnectionError(f"redis connection lost: {exc}"))
         tokens = [*self._tokens, *(token for _, token in self._queue)]
         self._tokens, self._queue = deque(), []
@@ -222,12 +216,9 @@ class _Link:
             self._fail(token, exc)
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
-        self._tasks.append(asyncio.ensure_future(self._disconnect()))
+        bye = asyncio.gather(self.sub.disconnect(), self.pub.disconnect())
+        self._tasks.append(asyncio.ensure_future(quietly(bye, logger, "disconnecting")))
         self._on_lost(self, exc)
-
-    async def _disconnect(self) -> None:
-        for conn in (self.sub, self.pub):
-            await quietly(conn.disconnect(), logger, "disconnecting from redis")
 
     async def close(self) -> None:
         """Let the broker confirm what was published (within ``CLOSE_TIMEOUT``), then disconnect."""
@@ -238,63 +229,37 @@ class _Link:
         await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
 
 
-async def _open_link(side: Any, on_message: OnMessage, on_failed: OnFailed,
-                     on_lost: Callable[[_Link, BaseException], None]) -> _Link:
-    """A connected link for a server or a client, from Nest's options: ``url`` or host/port/..."""
-    options = side.options
-    side.urls = broker_urls("redis", options.get("url"))
-    if options.get("host") or options.get("port"):
-        host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
-        side.urls = [f"redis://{host}:{port}/{options.get('db', 0)}"]
-    link = _Link(side.urls[0], options, on_message, on_failed, on_lost)
-    try:
-        await link.open(side.connect_timeout)
-    except BaseException:
-        await link.close()
-        raise
-    return link
-
-
 class RedisServer(BrokerServer):
-    """Serves handlers over Nest's Redis transport; re-subscribes after an outage.
+    """Serves handlers over Nest's Redis transport, and re-subscribes after an outage.
 
-    Options: ``url`` or ``host``/``port``/``username``/``password``/``db``;
-    ``wildcards``; ``retry_attempts`` and ``retry_delay`` (the backoff's cap,
-    s); ``connect_timeout``, ``command_timeout`` and ``ping_interval`` (s).
-    """
+    Options: Nest's (``url`` or ``host``/``port``/``password``/``db``,
+    ``wildcards``, ``retry_attempts``/``retry_delay``) and ``command_timeout``."""
 
     kind = transport_name = "redis"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.wildcards = bool(self.options.get("wildcards", False))
-        attempts = self.options.get("retry_attempts")
-        cap = float(self.options.get("retry_delay", DEFAULT_RETRY_DELAY))
-        attempts = None if attempts is None else int(attempts)
-        self._reconnect = Reconnect(self._open, self.logger, self.describe, cap, attempts)
         self._link: _Link | None = None
         self._routes: dict[bytes, str] = {}
 
     @property
-    def is_subscribed(self) -> bool:
-        """True while every handler's channel is subscribed (False during an outage)."""
-        return self._link is not None and self._link.lost is None
+    def is_subscribed(self) -> bool:  # False during an outage
+        link = self._link
+        return self._open_now and not self.reconnect.running and link is not None and not link.lost
 
     async def _open(self) -> None:
+        await self._shutdown()  # what a failed attempt left, when reconnecting
         # A message names its channel (or its glob), which is its route.
         self._routes = {route.encode(): route for route in self.patterns}
-        link = await _open_link(self, self._on_message, self._reply_failed, self._on_lost)
-        try:
-            kind = "PSUBSCRIBE" if self.wildcards else "SUBSCRIBE"
-            await link.subscribe(kind, list(self._routes), self.connect_timeout)
-        except BaseException:
-            await link.close()
-            raise
-        self._link = link
+        self._link = _Link(self, self._on_message, self._reply_failed, self._on_lost)
+        await self._link.open(self.connect_timeout)
+        kind = "PSUBSCRIBE" if self.wildcards else "SUBSCRIBE"
+        await self._link.subscribe(kind, list(self._routes), self.connect_timeout)
 
     def _on_lost(self, link: _Link, exc: BaseException) -> None:
-        if link is self._link and self._open_now:
-            self._reconnect.start(exc)
+        if link is self._link:
+            self._lost(exc)
 
     def _reply_failed(self, token: Any, exc: BaseException) -> None:
         self.logger.warning("could not deliver a reply: %s", exc)
@@ -312,7 +277,6 @@ class RedisServer(BrokerServer):
             self.dispatch(message, route, RedisContext((name, message.metadata)), reply)
 
     async def _stop_taking(self) -> None:
-        await self._reconnect.cancel()
         if self._link is not None:  # no new requests while draining; replies still go out
             await quietly(self._link.sub.send_command("UNSUBSCRIBE"), self.logger, "unsubscribing")
 
@@ -325,10 +289,8 @@ class RedisServer(BrokerServer):
 class RedisClient(BrokerClient):
     """A client for a Nest Redis microservice, with the server's connection options.
 
-    Reply channels stay subscribed for the client's lifetime, not per request
-    as in Nest: the same wire, a round trip less.  After a lost connection the
-    next send connects again.
-    """
+    Reply channels stay subscribed for the client's lifetime, not per request as
+    in Nest: the same wire, a round trip less.  After a loss, a send reconnects."""
 
     kind = transport_name = "redis"
 
@@ -340,52 +302,46 @@ class RedisClient(BrokerClient):
 
     async def _connect(self) -> None:
         on_message: OnMessage = lambda _, body, __: self._on_body(body)  # noqa: E731
-        self._link = await _open_link(self, on_message, self._failed, self._lost)
+        link = _Link(self, on_message, self._failed, self._lost)
+        self._link = await link.open(self.connect_timeout)
         self._replies.clear()
+
+    def _failed(self, msg_id: Any, exc: BaseException) -> None:
+        error = ConnectionError(f"could not publish to {self.describe()}: {exc}")
+        self._fail_request(msg_id, error)
 
     def _lost(self, link: _Link, exc: BaseException) -> None:
         if link is self._link:
-            self._link = None
-            self._gone = [link]
+            self._link, self._gone = None, [link]
             self._replies.lost()
             self._on_connection_lost(exc)
-
-    def _failed(self, msg_id: Any, exc: BaseException) -> None:
-        call = self._routing.get(msg_id)
-        if call is not None:
-            call.fail(ConnectionError(f"could not publish to {self.describe()}: {exc}"))
 
     async def _close(self) -> None:
         for link in [*self._gone, *([self._link] if self._link else [])]:
             await link.close()
         self._link, self._gone = None, []
 
-    def _live(self) -> _Link:
-        if self._link is None:
-            raise ConnectionError(f"not connected to {self.describe()}")
-        return self._link
-
     async def _subscribe_reply(self, route: str) -> None:
-        channel = (route + REPLY_SUFFIX).encode()
-        await self._live().subscribe("SUBSCRIBE", [channel], self.connect_timeout)
+        channel = f"{route}.reply".encode()
+        await self._require(self._link).subscribe("SUBSCRIBE", [channel], self.connect_timeout)
 
     def _publish(self, pattern: Any, data: Any, msg_id: str) -> Any:
         route = normalize_pattern(pattern)
         body = dumps({"pattern": pattern, "data": data, "id": msg_id}).encode()
         if route in self._replies.ready:  # the common case: no coroutine, no wait
-            self._live().publish(route, body, msg_id)
+            self._require(self._link).publish(route, body, msg_id)
             return None
         return self._publish_once_subscribed(route, body, msg_id)
 
     async def _publish_once_subscribed(self, route: str, body: bytes, msg_id: str) -> None:
         if await self._unless_done(msg_id, self._replies.ensure(route)):
-            self._live().publish(route, body, msg_id)
+            self._require(self._link).publish(route, body, msg_id)
 
     async def _dispatch_event(self, pattern: Any, data: Any) -> None:
         # Nest's Redis client sends the pattern raw, as in a request.
         body = dumps({"pattern": pattern, "data": data}).encode()
         written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._live().publish(normalize_pattern(pattern), body, written)
+        self._require(self._link).publish(normalize_pattern(pattern), body, written)
         await within(written, self.timeout, f"publishing to {self.describe()}")
 
 
