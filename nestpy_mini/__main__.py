@@ -2,9 +2,11 @@
 
     python -m nestpy_mini serve notebooks.math_service:AppModule --port 3001
     python -m nestpy_mini send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
-    python -m nestpy_mini emit --port 3001 user_created '{"userId": "42"}'
+    python -m nestpy_mini emit --transport redis user_created '{"userId": "42"}'
 
 Patterns and data are JSON; a pattern that is not valid JSON is a plain string.
+TCP takes ``--host``/``--port``; a broker transport takes ``--url`` and, without
+it, the env URL (``REDIS_URL``...) or Nest's default address, as in code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import sys
 from typing import Any
 
 from . import ClientProxyFactory, NestFactory, RpcError, Transport
+from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT
+
+# The option each broker transport names its broker with, as Nest names it.
+_URL_OPTION = {
+    Transport.REDIS: lambda url: {"url": url},
+    Transport.NATS: lambda url: {"servers": url.split(",")},
+    Transport.MQTT: lambda url: {"url": url},
+    Transport.RMQ: lambda url: {"urls": url.split(",")},
+    Transport.KAFKA: lambda url: {"client": {"brokers": url.split(",")}},
+}
 
 
 def _json(text: str) -> Any:
@@ -27,7 +39,16 @@ def _json(text: str) -> Any:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"host": args.host, "port": args.port}
+    transport = Transport[args.transport.upper()]
+    options: dict[str, Any] = {}
+    if transport is Transport.TCP:
+        if args.url:
+            raise SystemExit("error: TCP takes --host and --port, not --url")
+        options = {"host": args.host or DEFAULT_HOST, "port": args.port or DEFAULT_PORT}
+    elif args.host or args.port:
+        raise SystemExit(f"error: {transport.name} takes --url (its broker), not --host/--port")
+    elif args.url:
+        options = _URL_OPTION[transport](args.url)
     if getattr(args, "timeout", None) is not None:
         options["timeout"] = args.timeout
     return options
@@ -41,9 +62,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     app.enable_shutdown_hooks()
     await app.start()
-    print(
-        f"serving {args.module} over {args.transport} on {args.host}:{app.server.port}", flush=True
-    )
+    print(f"serving {args.module} on {app.server.describe()}", flush=True)
     await app.listen()
 
 
@@ -77,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("serve", "send", "emit"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--transport", default="tcp", choices=[t.name.lower() for t in Transport])
-        cmd.add_argument("--host", default="127.0.0.1")
-        cmd.add_argument("--port", type=int, default=3000)
+        cmd.add_argument("--host", help=f"TCP only (default {DEFAULT_HOST})")
+        cmd.add_argument("--port", type=int, help=f"TCP only (default {DEFAULT_PORT})")
+        cmd.add_argument("--url", help="a broker transport's broker (default: env URL, Nest's)")
         if name == "serve":
             cmd.add_argument(
                 "module", help="import path of the root module, e.g. pkg.app:AppModule"
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(args))
             return 0
         return asyncio.run(_send(args) if args.command == "send" else _emit(args))
-    except (ConnectionError, TimeoutError, NotImplementedError) as exc:
+    except (ConnectionError, TimeoutError, NotImplementedError, ModuleNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -178,7 +178,12 @@ class NestApplication:
 
     async def listen(self, port: int = 3000, host: str = "127.0.0.1") -> None:
         """Start HTTP and return once it accepts connections, as Nest's ``listen``."""
-        from .http import HttpServer  # Starlette loads only for HTTP apps
+        try:
+            from .http import HttpServer  # Starlette loads only for HTTP apps
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"HTTP apps need {exc.name}: pip install 'nestpy-mini[http]'", name=exc.name
+            ) from None
 
         routes = [(c, getattr(type(c), PREFIX_ATTR, "")) for c in self.container.controllers]
         self.http = HttpServer(routes)

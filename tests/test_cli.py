@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -56,3 +58,34 @@ def test_cli_reports_an_unreachable_service_in_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot connect to tcp://127.0.0.1:")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_broker_transport_is_addressed_by_its_url_never_by_the_tcp_port(
+    broker_url: Callable[[str], str],
+) -> None:
+    """``send --transport redis`` goes to the Redis broker (the env URL, else Nest's default
+    address), not to port 3000, the TCP default; ``--port`` there is an error, not a guess."""
+    url = broker_url("redis")
+    service = subprocess.Popen(
+        [sys.executable, "-m", "nestpy_mini", "serve", "--transport", "redis", "--url", url,
+         "notebooks.math_service:AppModule"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert service.stdout is not None
+        assert service.stdout.readline().startswith("serving notebooks.math_service:AppModule on")
+        env = {**os.environ, "REDIS_URL": url}
+        args = ("send", "--transport", "redis", '{"cmd": "sum"}', "[1, 2, 3]")
+        result = subprocess.run(
+            [sys.executable, "-m", "nestpy_mini", *args],
+            capture_output=True, text=True, timeout=20, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout, result.stderr) == (0, "6\n", "")
+        by_url = cli("send", "--transport", "redis", "--url", url, '{"cmd": "sum"}', "[4]")
+        assert (by_url.returncode, by_url.stdout) == (0, "4\n")
+        wrong = cli("send", "--transport", "redis", "--port", "3000", '{"cmd": "sum"}', "[1]")
+        assert wrong.returncode != 0
+        assert "REDIS takes --url (its broker), not --host/--port" in wrong.stderr
+    finally:
+        service.terminate()
+        service.communicate(timeout=10)

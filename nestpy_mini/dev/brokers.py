@@ -312,6 +312,9 @@ async def run(kind: str, port: int, tied: bool) -> None:
             daemon=True,
         ).start()
     stop = await _serve(kind, port)
+    deadline = time.monotonic() + START_TIMEOUT
+    while probe(kind, "127.0.0.1", port, 0.5) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # a broker in a child process takes a moment to listen
     print(f"{kind} ({PIP_BROKER[kind]}) on {url_of(kind, port)}; Ctrl-C stops it", flush=True)
     try:
         await done.wait()
