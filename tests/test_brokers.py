@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from nestpy_mini import ClientProxyFactory, Transport
 from nestpy_mini.dev import brokers
 
 
@@ -37,7 +39,7 @@ def test_env_url_that_does_not_answer_fails_loudly(
 
 @pytest.mark.parametrize("kind", ["redis", "nats", "mqtt", "rmq"])
 def test_probe_rejects_a_port_that_speaks_another_protocol(kind: str, stranger: int) -> None:
-    assert brokers._probe(kind, "127.0.0.1", stranger) == (
+    assert brokers.probe(kind, "127.0.0.1", stranger) == (
         f"something at 127.0.0.1:{stranger} does not speak {kind}"
     )
 
@@ -45,18 +47,18 @@ def test_probe_rejects_a_port_that_speaks_another_protocol(kind: str, stranger: 
 @pytest.mark.parametrize("kind", ["redis", "nats", "mqtt"])
 def test_embedded_brokers_start_answer_and_stop(kind: str) -> None:
     broker = brokers.start(kind)
-    host, port = brokers._host_port(kind, broker.url)
+    [(host, port)] = brokers._addresses(kind, broker.url)
     try:
         assert broker.embedded and host == "127.0.0.1"
-        assert brokers._probe(kind, host, port) is None
+        assert brokers.probe(kind, host, port) is None
     finally:
         broker.stop()
-    assert brokers._probe(kind, host, port) is not None  # really gone
+    assert brokers.probe(kind, host, port) is not None  # really gone
 
 
 def test_rabbitmq_has_no_embedded_broker_and_says_so() -> None:
     with pytest.raises(
-        brokers.BrokerUnavailable, match="rmq: no broker ships with pip; set AMQP_URL"
+        brokers.BrokerUnavailable, match="rmq: no broker ships with pip; set AMQP_URL or run one"
     ):
         brokers.start("rmq")
 
@@ -75,3 +77,21 @@ def test_env_url_wins_and_is_reported(fresh: None, monkeypatch: pytest.MonkeyPat
 def test_unknown_kind_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown broker kind 'zeromq'"):
         brokers.find("zeromq")
+
+
+async def test_a_started_broker_is_exported_so_default_options_meet_it(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where nothing serves the default port, find() starts one and sets the env URL, which
+    every transport with default options in this process and its children then uses."""
+    nobody = f"redis://127.0.0.1:{brokers.free_port()}"
+    monkeypatch.setitem(brokers.DEFAULT_URL, "redis", nobody)  # as on a laptop: no service
+    broker = brokers.find("redis")
+    assert broker.embedded and broker.url != nobody
+    assert os.environ["REDIS_URL"] == broker.url
+    client = ClientProxyFactory.create(Transport.REDIS, {"timeout": 2})
+    try:
+        await client.connect()
+        assert client.describe() == broker.url
+    finally:
+        await client.close()

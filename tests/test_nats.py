@@ -370,8 +370,10 @@ async def test_bad_input_is_dropped_and_nothing_breaks(
         await wait_until(lambda: [1, 2] in events)
         assert await client.send(p("sum"), [2, 3]) == 5
     assert 'on \'{"cmd":"sum"' in caplog.text and "that is not JSON" in caplog.text
-    assert "dropped a reply on" in caplog.text
-    assert "unknown id 'nope'" in caplog.text
+    assert "dropped a reply that is not JSON: b'{{{'" in caplog.text
+    assert "answers none of our requests: {'response': 1, 'isDisposed': True, 'id': 'nope'}" in (
+        caplog.text
+    )
 
 
 async def test_a_reply_for_another_id_is_ignored_like_nest(
@@ -407,13 +409,12 @@ async def test_unreachable_broker_is_a_clear_error_fast() -> None:
     client = NatsClient({"servers": f"nats://app:hunter2@127.0.0.1:{port}", "timeout": 2})
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(
-        ConnectionError, match=rf"cannot connect to nats://app:\*\*\*@127.0.0.1:{port}"
-    ):
+    refused = rf"cannot connect to nats at nats://app:\*\*\*@127.0.0.1:{port}: .*; start one"
+    with pytest.raises(ConnectionError, match=refused):
         await client.send(p("sum"), [1])
     assert loop.time() - started < 1.5
     server = NatsServer({"servers": [f"nats://127.0.0.1:{port}"], "reconnect_time_wait": 0.05})
-    with pytest.raises(ConnectionError, match=r"cannot connect to nats://127\.0\.0\.1"):
+    with pytest.raises(ConnectionError, match=r"cannot connect to nats at nats://127\.0\.0\.1"):
         await server.listen()
     await server.close()
 
@@ -473,4 +474,35 @@ async def test_broker_restart_under_server_and_client() -> None:
     finally:
         await client.close()
         await app.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_giving_up_reconnecting_is_said_once_and_the_client_connects_afresh(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With max_reconnect_attempts, nats-py closes the connection after its last
+    attempt: that is one "gave up" line per side, not a second "lost ...;
+    reconnecting".  The next send then connects again."""
+    port = brokers.free_port()
+    broker = await asyncio.to_thread(brokers.start, "nats", port)
+    options = {"servers": broker.url, "reconnect_time_wait": 0.05, "max_reconnect_attempts": 2}
+    server = NatsServer({**options, "close_grace": 0.1})
+    server.add_handler(p("sum"), lambda data: sum(data), is_event=False)
+    client = NatsClient({**options, "timeout": 2})
+    try:
+        await server.listen()
+        assert await client.send(p("sum"), [1, 2]) == 3
+        await asyncio.to_thread(broker.stop)
+        await wait_until(lambda: caplog.text.count("gave up reconnecting") == 2, within=5)
+        lost = [r for r in caplog.records if r.getMessage().startswith("lost ")]
+        assert len(lost) == 2, [r.getMessage() for r in lost]  # the server's and the client's
+        assert not server.is_connected and not client.is_connected
+
+        broker = await asyncio.to_thread(brokers.start, "nats", port)
+        await server.close()  # it stopped serving; a new listen serves again
+        await server.listen()
+        assert await client.send(p("sum"), [2, 3]) == 5
+    finally:
+        await client.close()
+        await server.close()
         await asyncio.to_thread(broker.stop)

@@ -313,8 +313,10 @@ async def run(kind: str, port: int, tied: bool) -> None:
         ).start()
     stop = await _serve(kind, port)
     deadline = time.monotonic() + START_TIMEOUT
-    while probe(kind, "127.0.0.1", port, 0.5) is not None and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)  # a broker in a child process takes a moment to listen
+    # A broker in a child process takes a moment to listen; amqtt runs in this
+    # loop, so the probe runs in a thread, or it would wait for itself.
+    while time.monotonic() < deadline and await asyncio.to_thread(probe, kind, "127.0.0.1", port):
+        await asyncio.sleep(0.02)
     print(f"{kind} ({PIP_BROKER[kind]}) on {url_of(kind, port)}; Ctrl-C stops it", flush=True)
     try:
         await done.wait()

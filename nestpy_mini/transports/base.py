@@ -207,7 +207,7 @@ class BrokerServer(Server):
         if self._open_now:
             return
         try:
-            await within(self._open(), self.connect_timeout, f"connecting to {self.describe()}")
+            await within(self._open(), self.connect_timeout, "connecting")
         except (OSError, TimeoutError) as exc:
             await self._shutdown()
             raise unreachable(self.kind, self.describe(), exc) from exc
