@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from enum import IntEnum
 from types import ModuleType
 from typing import Any
@@ -91,3 +92,31 @@ def redact(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return parts._replace(netloc=netloc).geturl()
+
+
+def describe(kind: str, urls: list[str]) -> str:
+    """Where a side connects, for logs and errors: never with a password."""
+    return ",".join(map(redact, urls)) or f"{kind} (not connected yet)"
+
+
+def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionError:
+    """The one line a user reads when no broker answers: where, why, and what to do."""
+    text = str(why).rstrip(". ") or repr(why)
+    if not _NO_ANSWER.search(text):  # a broker answered (and refused the login, say)
+        return ConnectionError(f"cannot connect to {kind} at {where}: {text}")
+    if kind == "rmq":
+        how = f"start RabbitMQ, or set {ENV[kind]} to one that runs"
+    else:
+        how = (
+            f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default "
+            f"port), or set {ENV[kind]} to one that runs"
+        )
+    return ConnectionError(f"cannot connect to {kind} at {where}: {text}; {how}")
+
+
+# What the libraries say when nothing listens, or nothing answers, at an address.
+_NO_ANSWER = re.compile(
+    r"refused|Errno 111|Connect call failed|no answer|timed out|unreachable|not known|"
+    r"Name or service|Unable to bootstrap|No servers available",
+    re.IGNORECASE,
+)

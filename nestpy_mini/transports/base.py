@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 from ..client import ClientProxy
 from ..packets import Incoming, dumps, loads, read_incoming
 from ..server import LARGE_MESSAGE, Server
-from . import ENV, broker_urls, redact
+from . import broker_urls, describe, redact, unreachable
 
-__all__ = ["broker_urls", "redact"]  # where brokers are: in the package, for every transport
+# Where brokers are, and the error when none answers, live in the package
+# (Nest's constants.ts); transports may import them from here as well.
+__all__ = ["broker_urls", "describe", "redact", "unreachable"]
 
 T = TypeVar("T")
 
@@ -32,24 +34,6 @@ CONNECT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 3.0
 # Reconnect attempts start this far apart and double up to the transport's cap.
 FIRST_RETRY_DELAY = 0.05
-
-
-def describe(kind: str, urls: list[str]) -> str:
-    """Where a side connects, for logs and errors: never with a password."""
-    return ",".join(map(redact, urls)) or f"{kind} (not connected yet)"
-
-
-def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionError:
-    """The one line a user reads when no broker answers: where, why, and what to do."""
-    if kind == "rmq":
-        how = f"start RabbitMQ, or set {ENV[kind]} to one that runs"
-    else:
-        how = (
-            f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default "
-            f"port), or set {ENV[kind]} to one that runs"
-        )
-    text = str(why).rstrip(". ") or repr(why)
-    return ConnectionError(f"cannot connect to {kind} at {where}: {text}; {how}")
 
 
 async def within(awaitable: Awaitable[T], seconds: float, what: str) -> T:
@@ -108,7 +92,9 @@ class Reconnect:
         return self._task is not None and not self._task.done()
 
     def start(self, cause: BaseException | None) -> None:
-        if not self.running:
+        if self.cap <= 0:  # mqtt.js's reconnectPeriod 0: never reconnect
+            self._log.error("lost %s (%s); not reconnecting", self._where(), cause or "closed")
+        elif not self.running:
             log_lost(self._log, self._where(), cause)
             self._task = asyncio.ensure_future(self._run())
 
@@ -206,6 +192,7 @@ class BrokerServer(Server):
         """Connect and subscribe every handler; return once the broker holds them all."""
         if self._open_now:
             return
+        self._lost_early: BaseException | None = None
         try:
             await within(self._open(), self.connect_timeout, "connecting")
         except (OSError, TimeoutError) as exc:
@@ -215,6 +202,8 @@ class BrokerServer(Server):
             await self._shutdown()
             raise
         self._open_now = True
+        if self._lost_early is not None:  # lost between subscribing and here
+            self.reconnect.start(self._lost_early)
 
     async def close(self) -> None:
         """Stop taking messages, let running handlers reply, then disconnect."""
@@ -233,6 +222,8 @@ class BrokerServer(Server):
         """The connection to the broker is gone: reconnect, unless closing."""
         if self._open_now:
             self.reconnect.start(cause)
+        else:
+            self._lost_early = cause or ConnectionError("closed")
 
     async def _stop_taking(self) -> None:
         raise NotImplementedError
