@@ -105,7 +105,8 @@ _rabbit: PrivateRabbit | None = None
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _rabbit
-    wanted = any(i.nodeid.endswith("test_rmq.py::test_broker_restart") for i in session.items)
+    restarts = ("test_rmq.py::test_broker_restart", "test_the_broker_goes_away_and_comes_back[RMQ]")
+    wanted = any(i.nodeid.endswith(restarts) for i in session.items)
     if wanted and rabbit_missing() is None:
         _rabbit = PrivateRabbit()
         _rabbit.start_in_background()

@@ -233,14 +233,15 @@ class BrokerServer(Server):
 
     def read(self, body: bytes, channel: str | None = None) -> Incoming | None:
         """One message's packet, or None (logged) when it must be dropped."""
+        where = "" if channel is None else f" on {channel!r:.200}"
         try:
             packet = loads(body)
         except (ValueError, RecursionError):
-            self.logger.warning("dropped a message on %.200r that is not JSON", channel)
+            self.logger.warning("dropped a message%s that is not JSON", where)
             return None
         message = read_incoming(packet, channel)
         if isinstance(message, str):
-            self.logger.warning("dropped a message on %.200r: %s", channel, message)
+            self.logger.warning("dropped a message%s: %s", where, message)
             return None
         return message
 
