@@ -94,6 +94,12 @@ def interop_controller(kind: str) -> type:
             def mixed(self, data: Any) -> str:
                 return "mixed"
 
+        if kind == "kafka":  # server.mjs's null handler; None is Nest's null and undefined
+
+            @MessagePattern(cmd("null"))
+            def null(self, data: Any) -> None:
+                return None
+
         @MessagePattern(cmd("ctx"))
         def ctx(self, data: Any, ctx: BaseRpcContext) -> str:
             for getter in ("get_pattern", "get_channel", "get_subject", "get_topic"):

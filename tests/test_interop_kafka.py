@@ -5,14 +5,16 @@ transport shares, with Kafka's own expectations, are in ``test_interop.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from interop_app import interop_controller, interop_module
 from interop_callers import start_all
-from nest_harness import NestServer, nest_missing
+from nest_harness import NestClient, NestServer, nest_missing
 
 from nestpy_mini import (
     BaseRpcContext,
@@ -56,7 +58,12 @@ async def test_nest_and_python_instances_share_one_group(
     try:
         # Side by side: each start joins the group, which takes a second or more.
         await start_all(server.start(), app.start())
-        count = len(await client.partitions_for(topic))
+        probe = AIOKafkaProducer(bootstrap_servers=url)
+        await probe.start()
+        try:
+            count = len(await probe.partitions_for(topic))
+        finally:
+            await probe.stop()
         assert count > 1, f"{topic} has one partition: the broker's default must be raised"
 
         def ours() -> set[int]:
@@ -72,4 +79,40 @@ async def test_nest_and_python_instances_share_one_group(
     finally:
         await client.close()
         await app.close()
+        await server.stop()
+
+
+async def test_a_null_reply_is_one_null_value_for_both_clients(
+    broker_url: Callable[[str], str],
+) -> None:
+    """A Nest server answering null (``cmd.null``) or undefined (``cmd.nothing``)
+    sends one reply record with no value.  Nest's own client emits one null for
+    it, so ours emits one None, whether iterated or subscribed."""
+    url = broker_url("kafka")
+    commands = ["cmd.null", "cmd.nothing"]
+    server = NestServer("kafka", url=url, group=f"nestpy_null_{secrets.token_hex(5)}")
+    nest = NestClient("kafka", url=url, **{"kafka-patterns": ",".join(commands)})
+    client = ClientProxyFactory.create(Transport.KAFKA, {"client": {"brokers": url}, "timeout": 5})
+    # Nest's client is given a partition of a reply topic only if the topic is
+    # complete when its group forms: these are new, so they are made first.
+    maker = AIOKafkaProducer(bootstrap_servers=url)
+    await maker.start()
+    try:
+        for topic in (*commands, *(command + ".reply" for command in commands)):
+            await maker.partitions_for(topic)
+    finally:
+        await maker.stop()
+    try:
+        await start_all(server.start(), nest.start())
+        for command in commands:
+            answer = await nest.send(command, 1)
+            assert (answer["values"], answer["error"]) == ([None], None)
+            assert [value async for value in client.send(command, 1)] == [None]
+            seen: list[Any] = []
+            note = seen.append
+            await client.send(command, 1).subscribe(note, note, functools.partial(note, "done"))
+            assert seen == [None, "done"]
+    finally:
+        await client.close()
+        await nest.stop()
         await server.stop()

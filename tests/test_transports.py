@@ -23,6 +23,7 @@ from nestpy_mini import (
     NestFactory,
     Transport,
 )
+from nestpy_mini.dev import brokers
 
 created: list[Any] = []
 
@@ -55,7 +56,7 @@ def options_for(transport: Transport, broker_url: Callable[[str], str]) -> dict[
     if transport is Transport.MQTT:
         return {"url": broker_url("mqtt")}
     if transport is Transport.KAFKA:
-        return {"client": {"brokers": [broker_url("kafka")]}}
+        return brokers.kafka_options(broker_url("kafka"))
     queue = f"nestpy_sum_{secrets.token_hex(4)}"  # private to this test run
     return {
         "urls": [broker_url("rmq")],

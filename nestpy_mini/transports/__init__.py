@@ -79,10 +79,11 @@ def broker_urls(kind: str, given: Any) -> list[str]:
     Read when connecting, never at construction, so that building a module
     does not depend on the environment of the moment.
     """
-    if given:
-        return [given] if isinstance(given, str) else [str(u) for u in given]
-    url = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
-    return [u.strip() for u in url.split(",") if u.strip()] if kind == "kafka" else [url]
+    if not given:
+        given = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
+    if isinstance(given, str):  # Kafka lists its brokers as "host:port,host:port"
+        given = given.split(",") if kind == "kafka" else [given]
+    return [str(url).strip() for url in given if str(url).strip()]
 
 
 def redact(url: str) -> str:

@@ -59,6 +59,10 @@ class AppController {
     return undefined;
   }
 
+  nullValue() {
+    return null;
+  }
+
   stream(n) {
     return interval(5).pipe(
       take(Number(n) || 0),
@@ -139,6 +143,10 @@ if (kind !== 'kafka') {
   );
 }
 decorate(MessagePattern(cmd('ctx')), 'ctx');
+if (kind === 'kafka') {
+  // Kafka: null (as `nothing`'s undefined) goes out as one reply record with no value.
+  decorate(MessagePattern(cmd('null')), 'nullValue');
+}
 // Parameter decorators: (target, propertyKey, parameterIndex).
 Payload()(proto, 'ctx', 0);
 Ctx()(proto, 'ctx', 1);
