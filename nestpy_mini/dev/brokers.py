@@ -180,7 +180,7 @@ PIP_BROKER = {
 # and answers a fetch only once half its wait is over, while a stock Kafka
 # refuses sessions under 6 s.  So the framework keeps aiokafka's defaults, and
 # the course and the tests pass these to Kafka transports on a Tansu started
-# here (as tests/nest/common.mjs does for kafkajs): a join takes about a second
+# here (as nestpy_mini/dev/nest/common.mjs does for kafkajs): a join takes about a second
 # instead of five, a reply about 20 ms instead of 250.
 TANSU_TUNING: dict[str, Any] = {
     "consumer": {"session_timeout": 1500, "heartbeat_interval": 250, "max_wait_time_in_ms": 20},
@@ -333,10 +333,7 @@ async def run(kind: str, port: int, tied: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     if tied:  # the parent holds our stdin open; end-of-file means it is gone
-        threading.Thread(
-            target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(done.set)),
-            daemon=True,
-        ).start()
+        loop.add_reader(0, lambda: os.read(0, 4096) or done.set())
     stop = await _serve(kind, port)
     # A broker in a child process takes a moment to listen; amqtt runs in this
     # loop, so the probe runs in a thread, or it would wait for itself.

@@ -1,4 +1,4 @@
-"""Fuzz a live nestpy_mini TCP server: ``python -m nestpy_mini.fuzz [--inputs N]
+"""Fuzz a live nestpy_mini TCP server: ``python -m nestpy_mini.dev fuzz [--inputs N]
 [--seed S] [--workers K]``.
 
 The server runs in a subprocess, so a crash shows as a dead process rather
@@ -618,7 +618,7 @@ def _rss(pid: int) -> tuple[float, float] | None:
 
 def _start_server(log: TextIO) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nestpy_mini.fuzz", "--serve"],
+        [sys.executable, "-m", "nestpy_mini.dev.fuzz", "--serve"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log,
@@ -682,7 +682,7 @@ async def attack(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the fuzzer and print its report; 0 when nothing failed."""
-    parser = argparse.ArgumentParser(prog="python -m nestpy_mini.fuzz", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nestpy_mini.dev fuzz", description=__doc__)
     parser.add_argument("--inputs", type=int, default=100_000, help="how many inputs to send")
     parser.add_argument("--seed", type=int, default=1, help="the generator's seed")
     parser.add_argument("--workers", type=int, default=16, help="concurrent connections")

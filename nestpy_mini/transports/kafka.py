@@ -5,10 +5,8 @@ such as ``"math.sum"``) whose value is the data itself, written and read as
 Nest's serializer and ``KafkaParser`` do: a number travels as its text.  Its
 headers name the correlation id and the reply topic and partition; a reply's
 name the correlation id, the error and, on the last record, the end.
-Settings are aiokafka's defaults unless the options say otherwise.  Tansu (the
-dev layer's Kafka) holds a group join for half the session timeout and a fetch
-for half its wait: the tests pass ``consumer: {session_timeout: 1500,
-heartbeat_interval: 250, max_wait_time_in_ms: 20}``.
+Settings are aiokafka's defaults unless the options say otherwise, as Nest
+keeps kafkajs's: for Tansu, the dev layer passes its own (``TANSU_TUNING``).
 """
 
 from __future__ import annotations
@@ -43,9 +41,7 @@ DEFAULT_JOIN_TIMEOUT, REPLY_TIMEOUT = 30.0, 5.0  # s: for the group's assignment
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _RULE = "only ASCII letters, digits, '.', '_' and '-'; use a string pattern such as 'math.sum'"
 _HEARTBEAT = partial(asyncio.sleep, 0)  # Nest's context has one; aiokafka heartbeats itself
-# aiokafka's send() asserts a key or a value; Kafka allows neither (Nest's reply
-# to None).  This passes the assert, and value_serializer makes it no value again.
-_NULL = object()
+_NULL = object()  # passes aiokafka's assert of a key or value; serialized as no value
 # kafkajs's option names unlike aiokafka's (``*_timeout`` and the like only lack
 # ``_ms``), and those aiokafka has no setting for, or that this transport sets.
 _RENAMES = {
@@ -137,6 +133,7 @@ class _Side:
     logger: Any
     describe: Callable[[], str]
     _producer: AIOKafkaProducer | None = None
+    _record_lost: Callable[[Any, BaseException], None]
     _consumer: AIOKafkaConsumer | None = None
     _reading: asyncio.Task[None] | None = None
 
@@ -161,8 +158,10 @@ class _Side:
         """Those given, else ``KAFKA_BROKERS``, else Nest's default: read when connecting."""
         return broker_urls("kafka", self.given)
 
-    async def _produce(self, topic: str, record: Record, delivered: bool = False) -> None:
-        """Hand one record to the producer, and with ``delivered`` wait until the broker has it."""
+    async def _produce(
+        self, topic: str, record: Record, delivered: bool = False, msg_id: str | None = None
+    ) -> None:
+        """Hand one record to the producer; with ``delivered``, wait until the broker has it."""
         if not _TOPIC.fullmatch(topic):  # a reply topic a peer named, say
             raise ValueError(f"{topic!r} is not a Kafka topic name")
         if self._producer is None:
@@ -173,8 +172,14 @@ class _Side:
             delivery = await self._producer.send(topic, value, key, partition, timestamp, headers)
             if delivered:
                 await delivery
+            else:  # a refusal reaches its request, or the log: never an unread exception
+                delivery.add_done_callback(partial(self._undelivered, topic, msg_id))
         except KafkaError as exc:
             raise ConnectionError(f"could not publish to {topic!r}: {exc!r}") from exc
+
+    def _undelivered(self, topic: str, msg_id: str | None, delivery: asyncio.Future[Any]) -> None:
+        if not delivery.cancelled() and (exc := delivery.exception()) is not None:
+            self._record_lost(msg_id, ConnectionError(f"could not deliver to {topic!r}: {exc!r}"))
 
     async def _read(self, consumer: AIOKafkaConsumer, handle: Callable[[Any], None]) -> None:
         while True:
@@ -285,8 +290,7 @@ class _Replies:
 
 
 class KafkajsRoundRobin(RoundRobinPartitionAssignor):
-    """aiokafka's round robin under the name of kafkajs's default, the only one a Nest
-    server offers: a group forms on an assignor all offer, so both can share one."""
+    """Round robin under kafkajs's name, the one Nest offers, so both can share a group."""
 
     name = "RoundRobinAssigner"
     version = 0
@@ -316,8 +320,10 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
         self.assignment: set[tuple[str, int]] = set()
         self._joined: asyncio.Future[None] | None = None
 
-    async def listen(self) -> None:
-        """Connect and subscribe (``connect_timeout``), then wait for the group's assignment."""
+    def _record_lost(self, msg_id: str | None, error: BaseException) -> None:  # a reply
+        self.logger.warning("%s", error)
+
+    async def listen(self) -> None:  # connect and subscribe, then wait for the assignment
         await super().listen()
         if self._joined is not None:
             try:
@@ -364,7 +370,7 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
                 if self.consumer["enable_auto_commit"]:
                     await self._consumer.commit(positions)
         except KafkaError as exc:
-            self.logger.warning("could not commit the positions of new partitions: %r", exc)
+            self.logger.warning("could not commit new partitions' positions: %r", exc)
         self.assignment = {(tp.topic, tp.partition) for tp in assigned}
         if self._joined is not None and not self._joined.done():
             self._joined.set_result(None)
@@ -400,18 +406,14 @@ class KafkaClient(_Side, BrokerClient):
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.producer_only_mode = bool(self.options.get("producer_only_mode", False))
+        self._record_lost = self._fail_request  # a request's record: the request fails at once
         self._early: list[str] = []
         self._replies = Subscriptions(self._assign)
-        self._reply_partitions: dict[str, int] = {}
+        self.reply_partitions: dict[str, int] = {}  # the partition we read, per reply topic
         self._positions: dict[TopicPartition, int] = {}  # the next offset to read (_assign)
 
-    def subscribe_to_response_of(self, pattern: Any) -> None:
+    def subscribe_to_response_of(self, pattern: Any) -> None:  # optional: readies it early
         self._early.append(valid_topic(pattern) + ".reply")
-
-    @property
-    def reply_partitions(self) -> dict[str, int]:
-        """The partition this client reads, per reply topic it has used."""
-        return dict(self._reply_partitions)
 
     async def _connect(self) -> None:
         self.urls = self.brokers()
@@ -435,9 +437,8 @@ class KafkaClient(_Side, BrokerClient):
 
     async def _close(self) -> None:
         await self._shutdown()
-        self._replies.clear()
-        self._reply_partitions.clear()
-        self._positions.clear()
+        for table in (self._replies, self.reply_partitions, self._positions):
+            table.clear()
 
     async def _assign(self, reply_topic: str) -> None:
         """Take a partition of ``reply_topic`` and learn where it ends, before the first request."""
@@ -453,7 +454,7 @@ class KafkaClient(_Side, BrokerClient):
         consumer.assign(list(self._positions))
         for each, offset in self._positions.items():
             consumer.seek(each, offset)
-        self._reply_partitions[reply_topic] = tp.partition
+        self.reply_partitions[reply_topic] = tp.partition
         if self._reading is None:
             self._reading = asyncio.ensure_future(self._read(consumer, self._on_record))
 
@@ -484,10 +485,10 @@ class KafkaClient(_Side, BrokerClient):
         reply_topic = topic + ".reply"
         if reply_topic not in self._replies.ready:
             await self._replies.ensure(reply_topic)
-        partition = str(self._reply_partitions[reply_topic]).encode()
+        partition = str(self.reply_partitions[reply_topic]).encode()
         ids = (CORRELATION_ID, msg_id.encode()), (REPLY_TOPIC, reply_topic.encode())
         record[2].extend([*ids, (REPLY_PARTITION, partition)])
-        await self._produce(topic, record)
+        await self._produce(topic, record, msg_id=msg_id)
 
     async def _dispatch_event(self, pattern: Any, data: Any) -> None:
         topic = valid_topic(pattern)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
-from fault_service import ServiceProcess
+from support.faults import ServiceProcess
 
 from nestpy_mini import (
     ClientProxy,

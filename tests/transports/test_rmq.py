@@ -18,26 +18,20 @@ from typing import Any
 
 import aio_pika
 import pytest
-from common_app import (
-    check_error_kinds,
-    check_stream_error,
-    check_streams,
+from conftest import wait_until
+from support.apps import (
     shared_handlers,
 )
-from conftest import wait_until
-from private_rabbit import PrivateRabbit, rabbit_missing
 
 from nestpy_mini import (
     ClientProxy,
     ClientProxyFactory,
-    ConnectionClosedError,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
     NestFactory,
     NestMicroservice,
-    RequestTimeoutError,
     RpcError,
     Transport,
 )
@@ -214,42 +208,6 @@ async def client(rmq: Rmq) -> ClientProxy:
 # --- the semantics every transport shares ------------------------------------
 
 
-async def test_send_await_iterate_subscribe(client: ClientProxy) -> None:
-    assert await client.send({"cmd": "sum"}, [1, 2, 3]) == 6
-    assert await client.send({"cmd": "async_sum"}, [4, 5]) == 9
-    assert await client.send("ping", {}) == "pong"
-    await check_streams(client, {"cmd": "count"})
-
-
-async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
-    client.emit("user_created", {"userId": "u1"})  # not awaited: it leaves anyway
-    await wait_until(lambda: len(events) == 2)
-    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
-    await client.emit("explodes", 1)  # a failing handler is logged, not fatal
-    await client.emit("nobody_listens", 1)  # no_ack: only logged
-    assert await client.send({"cmd": "sum"}, [1]) == 1
-
-
-async def test_stream_error_after_values(client: ClientProxy) -> None:
-    await check_stream_error(client, {"cmd": "stream_err"})
-
-
-async def test_every_error_kind_reaches_the_caller(
-    client: ClientProxy, caplog: pytest.LogCaptureFixture
-) -> None:
-    more = {"missing": NO_MESSAGE_HANDLER}  # RMQ is the one broker that answers this
-    await check_error_kinds(client, lambda name: {"cmd": name}, caplog, more)
-
-
-async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
-        await client.send({"cmd": "hang"}, 1, timeout=0.2)
-    assert loop.time() - started < 1.0
-    assert await client.send({"cmd": "sum"}, [1, 1]) == 2
-
-
 async def test_context_getters_and_publish_options(rmq: Rmq) -> None:
     queue = rmq.queue()
     await rmq.serve(AppModule, rmq.options(queue))
@@ -265,18 +223,6 @@ async def test_context_getters_and_publish_options(rmq: Rmq) -> None:
         "reply_to": "amq.rabbitmq.reply-to",
         "channel_is_aio_pika": True,
     }
-
-
-async def test_many_concurrent_requests_and_non_ascii(client: ClientProxy) -> None:
-    results = await asyncio.gather(*(client.send({"cmd": "async_sum"}, [i, i]) for i in range(300)))
-    assert results == [2 * i for i in range(300)]
-    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
-    client.emit("user_created", data)
-    await wait_until(lambda: len(events) == 2)
-    assert events[0] == data
-
-
-# --- RabbitMQ's own features -------------------------------------------------------
 
 
 async def test_prefetch_one_holds_the_next_message_until_the_ack(rmq: Rmq) -> None:
@@ -333,7 +279,7 @@ async def test_wildcards_route_through_a_topic_exchange(rmq: Rmq) -> None:
     assert match_rmq_pattern("orders.#", "orders.a.b") and not match_rmq_pattern("a.*", "a.b.c")
 
 
-async def test_wire_format_matches_nest(rmq: Rmq) -> None:
+async def test_rmq_queue_properties_and_bodies_are_nests(rmq: Rmq) -> None:
     """Requests carry reply_to and correlation_id = id; replies have no id but the
     no-handler one, in Nest's key order."""
     queue = rmq.queue("wire")
@@ -497,48 +443,3 @@ async def test_huge_patterns_from_the_queue_are_screened_before_routing(
 # --- broker restart, on a RabbitMQ node of the test's own --------------------------
 
 
-async def test_broker_restart(private_rabbit: PrivateRabbit | None) -> None:
-    if private_rabbit is None:
-        pytest.skip(rabbit_missing() or "the private RabbitMQ node was not started")
-    node = private_rabbit
-    await asyncio.to_thread(node.wait_booted)
-    helper = Rmq(node.url)
-    try:
-        queue = helper.queue("restart")
-        options = {
-            **helper.options(queue),
-            "queue_options": {"durable": False},
-            "socket_options": {"reconnect_time_in_seconds": 0.2},
-        }
-        await helper.serve(AppModule, options)
-        client = helper.client({**options, "timeout": 2, "connect_timeout": 2})
-        assert await client.send("ping", 1) == "pong"
-        in_flight = asyncio.ensure_future(client.send({"cmd": "hang"}, 1, timeout=10))
-        await wait_until(lambda: bool(client._routing))
-
-        await asyncio.to_thread(node.restart_app, "stop_app")
-        # A request waiting when the broker went away fails at once...
-        with pytest.raises(ConnectionClosedError):
-            await asyncio.wait_for(in_flight, 2)
-        # ...and a send during the outage fails clearly within its timeout.
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises((ConnectionError, RequestTimeoutError)):
-            await client.send("ping", 1, timeout=1)
-        assert loop.time() - started < 1.5
-
-        await asyncio.to_thread(node.restart_app, "start_app")
-        # The server re-declares its queue and consumes again; sends succeed.
-        deadline = loop.time() + 15
-        while True:
-            try:
-                assert await client.send("ping", 1, timeout=1) == "pong"
-                break
-            except (ConnectionError, RequestTimeoutError):
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        fresh = helper.client(options)
-        assert await fresh.send({"cmd": "sum"}, [20, 22]) == 42
-    finally:
-        await helper.cleanup(broker_may_be_down=True)

@@ -17,7 +17,10 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     saved = dict(brokers._found)
     brokers._found.clear()
     for name in brokers.ENV.values():
-        monkeypatch.delenv(name, raising=False)
+        # set, then deleted: monkeypatch then restores the variable as it was before,
+        # also when find() sets it during the test.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     yield
     for broker in brokers._found.values():
         broker.stop()

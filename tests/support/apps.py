@@ -28,7 +28,7 @@ def shared_handlers(request: Callable[[str], Any], event: Callable[[str], str]) 
     class SharedHandlers:
         @MessagePattern(request("count"))
         async def count(self, n: int) -> AsyncIterator[int]:
-            for i in range(1, n + 1):
+            for i in range(1, int(n) + 1):  # int(): Kafka carries a number as its text
                 await asyncio.sleep(0.001)
                 yield i
 
@@ -53,6 +53,10 @@ def shared_handlers(request: Callable[[str], Any], event: Callable[[str], str]) 
         def boom(self, data: object) -> None:
             raise KeyError("secret detail")
 
+        @MessagePattern(request("unserializable"))
+        def unserializable(self, data: object) -> object:
+            return {1, 2}  # a set: JSON cannot hold it, so the caller gets the generic error
+
         @EventPattern(event("explodes"))
         def explodes(self, data: object) -> None:
             raise RuntimeError("event handler failure")
@@ -66,6 +70,7 @@ COMMON_ERRORS = {
     "rpc_str": {"status": "error", "message": "bad thing"},
     "rpc_obj": {"code": 42, "message": "custom"},
     "boom": {"status": "error", "message": "Internal server error"},
+    "unserializable": {"status": "error", "message": "Internal server error"},
 }
 
 

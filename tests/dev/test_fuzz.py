@@ -2,7 +2,7 @@
 thousand hostile inputs and must neither crash nor fail a single check.
 
 This is no performance test; the full run (100,000 inputs) is
-``python -m nestpy_mini.fuzz``.
+``python -m nestpy_mini.dev fuzz``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_small_fuzz_run_has_no_crash_and_passes_every_check(seed: int) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "nestpy_mini.fuzz", "--inputs", "3000", "--seed", str(seed)],
+        [sys.executable, "-m", "nestpy_mini.dev", "fuzz", "--inputs", "3000", "--seed", str(seed)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -54,7 +54,7 @@ def test_a_small_fuzz_run_has_no_crash_and_passes_every_check(seed: int) -> None
 
 def test_the_command_explains_itself() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "nestpy_mini.fuzz", "--help"],
+        [sys.executable, "-m", "nestpy_mini.dev", "fuzz", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from fault_service import ServiceProcess, reset_peak_rss, rss_kib
+from support.faults import ServiceProcess, reset_peak_rss, rss_kib
 
 from nestpy_mini import ClientProxy, ClientProxyFactory, Transport
 

@@ -16,24 +16,19 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from common_app import (
-    check_error_kinds,
-    check_stream_error,
-    check_streams,
+from conftest import wait_until
+from support.apps import (
     shared_handlers,
 )
-from conftest import wait_until
 
 from nestpy_mini import (
     ClientProxyFactory,
-    ConnectionClosedError,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
     NestFactory,
     NestMicroservice,
-    RequestTimeoutError,
     Transport,
 )
 from nestpy_mini.dev import brokers
@@ -185,54 +180,7 @@ def on_amqtt() -> bool:
     return brokers.find("mqtt").source.startswith("embedded")
 
 
-async def test_send_await_iterate_subscribe(client: MqttClient) -> None:
-    assert await client.send(T + "sum", [1, 2, 3]) == 6
-    reordered = {"run": RUN, "cmd": "obj"}  # the topic is the normalized route
-    assert await client.send(reordered, {"x": 1}) == [{"x": 1}, OBJ_TOPIC]
-    await check_streams(client, T + "count")
-
-
-async def test_send_is_cold_until_awaited(client: MqttClient) -> None:
-    request = client.send(T + "sum", [1])
-    await asyncio.sleep(0.05)
-    assert calls == [] and not client.is_connected and client.url is not None
-    assert await request == 1
-    assert await request == 1  # each await is a new request
-    assert [c[0] for c in calls] == ["sum", "sum"]
-
-
-async def test_stream_error_after_values(client: MqttClient) -> None:
-    await check_stream_error(client, T + "stream_err")
-
-
-async def test_every_error_kind(client: MqttClient, caplog: pytest.LogCaptureFixture) -> None:
-    await check_error_kinds(client, lambda name: T + name, caplog)
-    assert await client.send(T + "sum", [2, 2]) == 4
-
-
-async def test_emit_is_hot_and_every_event_handler_runs(client: MqttClient) -> None:
-    await client.connect()
-    client.emit(T + "user_created", {"userId": "u1"})  # not awaited: it leaves anyway
-    await wait_until(lambda: len(events) == 2)
-    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
-    assert await client.emit(T + "explodes", 1) is None  # logged, not fatal
-    await client.emit(T + "nobody_listens", 1)
-    assert await client.send(T + "sum", [1]) == 1
-
-
-async def test_timeout_per_call_and_server_keeps_serving(client: MqttClient) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
-        await client.send(T + "hang", 1, timeout=0.2)
-    # No server subscribes an unknown pattern: Nest's clients time out too.
-    with pytest.raises(RequestTimeoutError):
-        await client.send(T + "no_such_pattern", 1, timeout=0.2)
-    assert loop.time() - started < 1.5
-    assert await client.send(T + "sum", [1, 1]) == 2
-
-
-async def test_context_getters(client: MqttClient) -> None:
+async def test_mqtt_context_topic_and_packet(client: MqttClient) -> None:
     answer = await client.send(T + "ctx", {"名": "値"})
     assert answer["topic"] == T + "ctx" and answer["same"] is True
     assert answer["qos"] == 0 and answer["retain"] is False
@@ -301,7 +249,7 @@ async def test_mqtt5_shared_subscription_and_user_properties(
     assert len({instance for _, instance in calls}) == 2
 
 
-async def test_bad_input_is_dropped_with_a_log_line(
+async def test_mqtt_bad_input_is_dropped_with_a_log_line(
     client: MqttClient, raw: aiomqtt.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert await client.send(T + "sum", [1]) == 1  # subscribed to sum/reply now
@@ -342,15 +290,6 @@ async def test_a_reply_whose_id_is_not_a_string_is_dropped_quietly(
     assert "TypeError" not in caplog.text and "Traceback" not in caplog.text
 
 
-async def test_close_fails_pending_requests_at_once(client: MqttClient) -> None:
-    pending = asyncio.ensure_future(client.send(T + "hang", 1, timeout=10))
-    await wait_until(lambda: bool(client._routing))
-    await client.close()
-    with pytest.raises(ConnectionClosedError, match="was closed"):
-        await asyncio.wait_for(pending, 1)
-    assert await client.send(T + "sum", [3]) == 3  # and it reconnects on demand
-
-
 async def test_unreachable_broker_is_a_clear_error() -> None:
     port = brokers.free_port()
     client = MqttClient({"url": f"mqtt://user:hunter2@127.0.0.1:{port}", "timeout": 1})
@@ -369,56 +308,6 @@ async def test_broker_is_found_at_connect_time(start_server: StartServer, url: s
         assert client.url == brokers.find("mqtt").url == url
     finally:
         await client.close()
-
-
-async def test_many_concurrent_requests_and_non_ascii(client: MqttClient) -> None:
-    results = await asyncio.gather(*(client.send(OBJ, i) for i in range(300)))
-    assert [r[0] for r in results] == list(range(300))
-    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
-    assert (await client.send(OBJ, data))[0] == data
-
-
-async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
-    port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start, "mqtt", port)
-    options = {"url": broker.url, "reconnect_period": 0.1}
-    app = await NestFactory.create_microservice(
-        AppModule, transport=Transport.MQTT, options={**options, "close_grace": 0.2}
-    )
-    await app.start()
-    client = MqttClient({**options, "timeout": 1})
-    loop = asyncio.get_running_loop()
-    try:
-        assert await client.send(T + "sum", [1, 2]) == 3
-        waiting = asyncio.ensure_future(client.send(T + "hang", 1, timeout=10))
-        await wait_until(lambda: bool(client._routing))
-        with caplog.at_level(logging.WARNING, logger="nestpy_mini"):
-            await asyncio.to_thread(broker.stop)
-            # A request waiting when the link drops fails at once, not at its timeout.
-            with pytest.raises(ConnectionClosedError):
-                await asyncio.wait_for(waiting, 1)
-            await wait_until(lambda: not client.is_connected)
-            await asyncio.sleep(0.4)  # several of the server's reconnect attempts fail meanwhile
-            started = loop.time()
-            with pytest.raises(ConnectionError, match="cannot connect"):  # a send connects again
-                await client.send(T + "sum", [1, 2])
-            assert loop.time() - started < 1.0  # within its timeout
-            broker = await asyncio.to_thread(brokers.start, "mqtt", port)
-            deadline = loop.time() + 5
-            while True:
-                try:
-                    assert await client.send(T + "sum", [2, 2], timeout=0.5) == 4
-                    break
-                except (ConnectionError, RequestTimeoutError):
-                    assert loop.time() < deadline, "the server did not serve again"
-                    await asyncio.sleep(0.05)
-        lost = [r for r in caplog.records if r.getMessage().startswith("lost mqtt://")]
-        assert [r.name for r in lost] == ["nestpy_mini.MqttServer"]  # one line per outage
-        assert await client.send({"run": RUN, "cmd": "obj"}, 5) == [5, OBJ_TOPIC]
-    finally:
-        await client.close()
-        await app.close()
-        await asyncio.to_thread(broker.stop)
 
 
 async def test_reconnect_can_be_bounded(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""Drive the real NestJS 12 peers in ``tests/nest`` from asyncio tests.
+"""Drive the real NestJS 12 peers of the dev layer's NestJS project from asyncio tests.
 
 ``server.mjs`` prints ``READY <port>`` once listening; ``client.mjs`` prints
 ``READY`` once connected and then answers one JSON line per command, tagged.
@@ -8,33 +8,34 @@ Every wait here is bounded, so a broken peer fails a test instead of hanging it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
-NEST_DIR = Path(__file__).parent / "nest"
+from nestpy_mini.dev import node
+
 START_TIMEOUT = 20.0
 ANSWER_TIMEOUT = 10.0
 LINE_LIMIT = 16 * 1024 * 1024
 
 
+@functools.cache
 def nest_missing() -> str | None:
-    """Why the NestJS peers cannot run here, or None when they can."""
-    if shutil.which("node") is None:
-        return "node is not installed, so the NestJS interop tests cannot run"
-    if not (NEST_DIR / "node_modules" / "@nestjs" / "microservices").is_dir():
-        return "NestJS is not installed: run (cd tests/nest && npm ci)"
+    """Why the NestJS peers cannot run here (after installing them once), or None."""
+    try:
+        node.project()
+    except node.NestUnavailable as exc:
+        return str(exc)
     return None
 
 
 async def _start(script: str, args: list[str]) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        "node",
+        node.node(),
         script,
         *args,
-        cwd=NEST_DIR,
+        cwd=node.project(),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

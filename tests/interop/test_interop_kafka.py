@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from interop_app import interop_controller, interop_module
-from interop_callers import start_all
-from nest_harness import NestClient, NestServer, nest_missing
+from support.interop_app import interop_controller, interop_module
+from support.interop_callers import start_all
+from support.nest import NestClient, NestServer, nest_missing
 
 from nestpy_mini import (
     BaseRpcContext,

@@ -15,26 +15,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from common_app import (
-    check_error_kinds,
-    check_stream_error,
-    check_streams,
-    shared_handlers,
-)
 from conftest import wait_until
 from redis.asyncio import Redis
+from support.apps import (
+    shared_handlers,
+)
 
 from nestpy_mini import (
     ClientProxy,
     ClientProxyFactory,
-    ConnectionClosedError,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
     NestFactory,
     NestMicroservice,
-    RequestTimeoutError,
     Transport,
 )
 from nestpy_mini.dev import brokers
@@ -66,9 +61,6 @@ class AppController(shared_handlers(cmd, lambda name: f"{name}.{RUN}")):
         await asyncio.sleep(0.001)
         return sum(data)
 
-    @MessagePattern(cmd("unserializable"))
-    def unserializable(self, data: object) -> object:
-        return {1, 2}
 
     @MessagePattern(cmd("ctx"))
     def ctx(self, data: object, ctx: RedisContext) -> list[Any]:
@@ -169,69 +161,7 @@ async def client(start: Start, make_client: MakeClient) -> ClientProxy:
     return make_client()
 
 
-async def test_send_sums(client: ClientProxy) -> None:
-    assert await client.send(cmd("sum"), [1, 2, 3]) == 6
-    assert await client.send(cmd("async_sum"), [4, 5]) == 9
-    assert await client.send(f"ping.{RUN}", {}) == "pong"
-
-
-async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
-    request = client.send(cmd("sum"), [1])
-    await asyncio.sleep(0.05)
-    assert calls == [] and not client.is_connected
-    assert await request == 1
-    assert await request == 1  # each await is a new request
-    assert calls == ["sum", "sum"]
-
-
-async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
-    await check_streams(client, cmd("count"))
-
-
-async def test_stream_error_after_values(client: ClientProxy) -> None:
-    await check_stream_error(client, cmd("stream_err"))
-
-
-async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
-    client: ClientProxy, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def server_goes_on() -> None:
-        assert await client.send(cmd("sum"), [2, 2]) == 4
-
-    more = {
-        "unserializable": {"status": "error", "message": "Internal server error"},
-    }
-    await check_error_kinds(client, cmd, caplog, more, server_goes_on)
-
-
-async def test_unknown_pattern_times_out_as_in_nest(client: ClientProxy) -> None:
-    # Nobody subscribes to a pattern without a handler, so nobody answers.
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(RequestTimeoutError):
-        await client.send(cmd("no_such_cmd"), 1, timeout=0.2)
-    assert loop.time() - started < 1.0
-
-
-async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
-    client.emit(USER_CREATED, {"userId": "u1"})  # not awaited: it leaves anyway
-    await wait_until(lambda: len(events) == 2)
-    assert events == [{"userId": "u1"}, {"second": {"userId": "u1"}}]
-    assert await client.emit(USER_CREATED, {"userId": "u2"}) is None
-    await client.emit(f"explodes.{RUN}", 1)  # a failing handler is logged, not fatal
-    assert await client.send(cmd("sum"), [1]) == 1
-
-
-async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
-        await client.send(cmd("hang"), 1, timeout=0.2)
-    assert loop.time() - started < 1.0
-    assert await client.send(cmd("sum"), [1, 1]) == 2
-
-
-async def test_context_getters(client: ClientProxy, raw: Redis) -> None:
+async def test_redis_context_channel_and_metadata(client: ClientProxy, raw: Redis) -> None:
     channel = normalize_pattern(cmd("ctx"))
     assert await client.send(cmd("ctx"), 1) == [channel, None, channel]
     # Metadata comes from the envelope (Nest's dispatch hooks set it).
@@ -246,7 +176,7 @@ async def test_context_getters(client: ClientProxy, raw: Redis) -> None:
     assert reply["response"] == [channel, {"trace": "t"}, channel]
 
 
-async def test_wire_format_matches_nest(client: ClientProxy, raw: Redis) -> None:
+async def test_redis_channels_and_envelopes_are_nests(client: ClientProxy, raw: Redis) -> None:
     """Raw pattern in the body, normalized channel, reply on <channel>.reply, keys in order."""
     pattern = {"run": RUN, "cmd": "sum"}  # key order as the caller wrote it
     channel = normalize_pattern(pattern)
@@ -332,7 +262,7 @@ async def test_wildcards_psubscribe_and_reply_on_the_concrete_channel(
     assert "dropped" not in caplog.text
 
 
-async def test_bad_input_is_dropped_with_a_log_line(
+async def test_redis_bad_input_is_dropped_with_a_log_line(
     client: ClientProxy, raw: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     channel = normalize_pattern(cmd("sum"))
@@ -354,28 +284,6 @@ async def test_bad_input_is_dropped_with_a_log_line(
     assert calls == ["sum", "sum", "sum"]
 
 
-async def test_close_fails_pending_requests_at_once(client: ClientProxy) -> None:
-    pending = asyncio.ensure_future(client.send(cmd("hang"), 1, timeout=10))
-    await wait_until(lambda: client.is_connected and bool(client._routing))
-    await client.close()
-    with pytest.raises(ConnectionClosedError, match="was closed"):
-        await asyncio.wait_for(pending, 1)
-    assert await client.send(cmd("sum"), [3]) == 3  # and it reconnects on demand
-
-
-async def test_many_concurrent_requests(client: ClientProxy) -> None:
-    results = await asyncio.gather(*(client.send(cmd("async_sum"), [i, i]) for i in range(500)))
-    assert results == [2 * i for i in range(500)]
-
-
-async def test_non_ascii_round_trip(client: ClientProxy) -> None:
-    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
-    assert await client.send(cmd("async_sum"), []) == 0
-    client.emit(USER_CREATED, data)
-    await wait_until(lambda: len(events) == 2)
-    assert events[0] == data
-
-
 async def test_host_port_options_and_discovery(start: Start, url: str) -> None:
     await start()
     parts = urlsplit(url)
@@ -393,7 +301,7 @@ async def test_host_port_options_and_discovery(start: Start, url: str) -> None:
         await found.close()
 
 
-async def test_connect_refused_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+async def test_redis_connect_refused_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
     port = brokers.free_port()
     client = RedisClient({"url": f"redis://user:s3cret@127.0.0.1:{port}/0", "timeout": 1})
     refused = rf"cannot connect to redis at redis://user:\*\*\*@127.0.0.1:{port}/0: .*; start one"
@@ -417,41 +325,6 @@ async def test_bad_credentials_fail_clearly_without_showing_them(
         await client.send(cmd("sum"), [1])
     await client.close()
     assert "s3cret" not in str(info.value) and "s3cret" not in caplog.text
-
-
-async def test_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
-    """Stop the broker under a running server and client, then start it again."""
-    port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start, "redis", port)
-    app = await NestFactory.create_microservice(
-        AppModule,
-        transport=Transport.REDIS,
-        options={"url": broker.url, "retry_delay": 0.1, "close_grace": 0.2},
-    )
-    client = RedisClient({"url": broker.url, "timeout": 1})
-    server = app.server
-    assert isinstance(server, RedisServer)
-    try:
-        await app.start()
-        assert await client.send(cmd("sum"), [1, 2]) == 3
-
-        await asyncio.to_thread(broker.stop)
-        await wait_until(lambda: not server.is_subscribed)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises((ConnectionError, RequestTimeoutError)):
-            await client.send(cmd("sum"), [1])
-        assert loop.time() - started < 1.5  # within its timeout, never a hang
-
-        broker = await asyncio.to_thread(brokers.start, "redis", port)
-        await wait_until(lambda: server.is_subscribed, within=5)
-        assert await client.send(cmd("sum"), [2, 3]) == 5
-        lost = [r for r in caplog.records if r.name.endswith("RedisServer") and "lost" in r.message]
-        assert len(lost) == 1  # one line per outage, not one per attempt
-    finally:
-        await client.close()
-        await app.close()
-        await asyncio.to_thread(broker.stop)
 
 
 async def test_a_silent_broker_is_noticed_by_the_ping_watchdog(

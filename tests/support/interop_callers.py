@@ -1,7 +1,7 @@
 """Both sides of the NestJS interop tests, for every transport.
 
 A *caller* sends the interop commands one way: ``python->nest`` is
-nestpy_mini's client calling a real Nest server (``tests/nest/server.mjs``),
+nestpy_mini's client calling a real Nest server (``nestpy_mini/dev/nest/server.mjs``),
 ``nest->python`` is Nest's own client (``client.mjs``) calling a nestpy_mini
 server of ``interop_app``.  Both answer ``send`` with ``(values, error)``, so
 one test body checks both directions against the same expectations.
@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from interop_app import command, interop_module
-from nest_harness import NestClient, NestServer
 from redis.asyncio import Redis
 
 from nestpy_mini import ClientProxy, ClientProxyFactory, NestFactory, RpcError, Transport
+from nestpy_mini.dev import brokers
 from nestpy_mini.packets import EMPTY_RESPONSE, NO_MESSAGE_HANDLER
+
+from .interop_app import command, interop_module
+from .nest import NestClient, NestServer
 
 PY_TO_NEST = "python->nest"
 NEST_TO_PY = "nest->python"
@@ -130,15 +132,15 @@ class Endpoint:
             case "rmq":
                 # Durable, as Nest's default queueOptions ({}) make it in amqplib.
                 return {"urls": [self.url], "queue": self.name}
-            case "kafka":
-                return {"client": {"brokers": self.url}}
+            case "kafka":  # tuned as common.mjs tunes kafkajs, where the broker is Tansu
+                return brokers.kafka_options(self.url)
             case _:
                 return {"url": self.url}
 
     def server_options(self) -> dict[str, Any]:
         """A nestpy_mini server's options: Kafka's also name the consumer group."""
         if self.kind.name == "kafka":
-            return {**self.options(), "consumer": {"group_id": self.name}}
+            return brokers.kafka_options(self.url, consumer={"group_id": self.name})
         return self.options()
 
     def nest_args(self) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from interop_app import MIXED
-from interop_callers import DIRECTIONS, KINDS, NO_REPLY, Caller, open_caller
-from nest_harness import nest_missing
+from support.interop_app import MIXED
+from support.interop_callers import DIRECTIONS, KINDS, NO_REPLY, Caller, open_caller
+from support.nest import nest_missing
 
 from nestpy_mini import RequestTimeoutError
 

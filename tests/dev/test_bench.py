@@ -1,4 +1,4 @@
-"""``python -m nestpy_mini.bench`` runs end to end and cleans up after itself.
+"""``python -m nestpy_mini.dev bench`` runs end to end and cleans up after itself.
 
 This tests the command, not the speed: it asserts that every pair was
 measured and saved, never how fast anything was.
@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from nest_harness import nest_missing
+from support.nest import nest_missing
 
-REPO = Path(__file__).resolve().parent.parent
+from nestpy_mini.dev.bench import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 120  # seconds; the quick run takes a few
+COURSE_COPY = REPO / "notebooks" / "bench_results.json"
+COURSE_COPY_BEFORE = COURSE_COPY.read_bytes()  # read at collection, before any run
 
 pytestmark = pytest.mark.skipif(nest_missing() is not None, reason=str(nest_missing()))
 
@@ -34,7 +38,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     save = tmp_path_factory.mktemp("bench") / "results.json"
-    argv = ["-m", "nestpy_mini.bench", "--quick", "--transports", "tcp", "--save", str(save)]
+    argv = ["-m", "nestpy_mini.dev", "bench", "--quick", "--transports", "tcp", "--save", str(save)]
     proc = subprocess.run(
         [sys.executable, *argv],
         cwd=REPO,
@@ -103,7 +107,7 @@ def test_every_server_and_every_client_gets_its_own_cpu(
 def test_uvloop_missing_is_one_clear_line_before_anything_starts(tmp_path: Path) -> None:
     (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "nestpy_mini.bench", "--quick", "--uvloop", "--save", "unused"],
+        [sys.executable, "-m", "nestpy_mini.dev", "bench", "--quick", "--uvloop"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -113,3 +117,11 @@ def test_uvloop_missing_is_one_clear_line_before_anything_starts(tmp_path: Path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "--uvloop needs uvloop: pip install 'nestpy-mini[fast]'"
     assert proc.stdout == ""  # no pair was started
+
+
+def test_results_are_written_only_where_asked(
+    quick_run: tuple[subprocess.CompletedProcess, dict],
+) -> None:
+    """The run above saved to a temporary file, and left the course's copy as it was."""
+    assert parse_args(["--quick"]).save is None  # by default the results are only printed
+    assert COURSE_COPY.read_bytes() == COURSE_COPY_BEFORE

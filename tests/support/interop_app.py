@@ -1,4 +1,4 @@
-"""The Python twin of ``tests/nest/server.mjs``: the same patterns, the same answers.
+"""The Python twin of ``nestpy_mini/dev/nest/server.mjs``: the same patterns, the same answers.
 
 Each interop test runs once against the Nest server and once against this
 one, so the two must stay handler-for-handler alike.  Like ``server.mjs``,

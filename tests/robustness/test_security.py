@@ -5,6 +5,7 @@ reach a log line or an error message.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import asyncio
 import logging
@@ -26,11 +27,12 @@ from nestpy_mini import (
     NestFactory,
     Transport,
 )
+from nestpy_mini.__main__ import _options as cli_options
 from nestpy_mini.dev import brokers
 from nestpy_mini.transports import load
 from nestpy_mini.transports.tcp import DEFAULT_HOST, TcpClient, TcpServer
 
-PACKAGE = Path(__file__).resolve().parent.parent / "nestpy_mini"
+PACKAGE = Path(__file__).resolve().parents[2] / "nestpy_mini"
 
 
 @Controller()
@@ -88,9 +90,11 @@ async def test_http_listen_binds_to_loopback_by_default() -> None:
 
 
 def test_the_command_line_and_the_course_service_default_to_loopback() -> None:
-    for source in (PACKAGE / "__main__.py", PACKAGE.parent / "notebooks" / "math_service.py"):
-        defaults = re.findall(r'"--host", default="([^"]+)"', source.read_text())
-        assert defaults and set(defaults) == {"127.0.0.1"}, source
+    args = argparse.Namespace(transport="tcp", host=None, port=None, url=None)
+    assert cli_options(args)["host"] == "127.0.0.1"
+    source = PACKAGE.parent / "notebooks" / "math_service.py"
+    defaults = re.findall(r'"--host", default="([^"]+)"', source.read_text())
+    assert defaults and set(defaults) == {"127.0.0.1"}, source
 
 
 # --- no code-executing deserializers ----------------------------------------------------

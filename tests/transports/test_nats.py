@@ -12,25 +12,20 @@ from typing import Any
 
 import nats
 import pytest
-from common_app import (
-    check_error_kinds,
-    check_stream_error,
-    check_streams,
+from conftest import wait_until
+from support.apps import (
     shared_handlers,
 )
-from conftest import wait_until
 
 from nestpy_mini import (
     ClientProxy,
     ClientProxyFactory,
-    ConnectionClosedError,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
     NestFactory,
     NestMicroservice,
-    RequestTimeoutError,
     RpcError,
     Transport,
 )
@@ -62,9 +57,6 @@ class AppController(shared_handlers(p, lambda name: f"{name}.{RUN}")):
     def ping(self) -> str:
         return "pong"
 
-    @MessagePattern(p("unserializable"))
-    def unserializable(self, data: object) -> object:
-        return {1, 2}
 
     @MessagePattern(p("ctx"))
     def ctx(self, data: object, ctx: NatsContext) -> list[object]:
@@ -172,37 +164,6 @@ async def raw(url: str) -> AsyncIterator[nats.aio.client.Client]:
     await nc.close()
 
 
-async def test_send_sums(client: ClientProxy) -> None:
-    assert await client.send(p("sum"), [1, 2, 3]) == 6
-    assert await client.send(p("async_sum"), [4, 5]) == 9
-    assert await client.send(f"ping.{RUN}", {}) == "pong"
-
-
-async def test_send_is_cold_until_awaited(client: ClientProxy) -> None:
-    request = client.send(p("sum"), [1])
-    await asyncio.sleep(0.02)
-    assert not client.is_connected  # nothing left, not even the connection
-    assert await request == 1
-    assert await request == 1  # each await is a new request
-
-
-async def test_streamed_reply_three_ways(client: ClientProxy) -> None:
-    await check_streams(client, p("count"))
-
-
-async def test_stream_error_after_values(client: ClientProxy) -> None:
-    await check_stream_error(client, p("stream_err"))
-
-
-async def test_every_error_kind_reaches_the_caller_as_nest_sends_it(
-    client: ClientProxy, caplog: pytest.LogCaptureFixture
-) -> None:
-    more = {
-        "unserializable": {"status": "error", "message": "Internal server error"},
-    }
-    await check_error_kinds(client, p, caplog, more)
-
-
 async def test_no_subscriber_fails_at_once_with_nests_text(client: ClientProxy) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -214,34 +175,6 @@ async def test_no_subscriber_fails_at_once_with_nests_text(client: ClientProxy) 
     assert str(info.value) == (
         f'Empty response. There are no subscribers listening to that message ("{subject}")'
     )
-
-
-async def test_errors_do_not_stop_the_server(client: ClientProxy) -> None:
-    for _ in range(3):
-        with pytest.raises(RpcError):
-            await client.send(p("boom"), 1)
-        assert await client.send(p("sum"), [2, 2]) == 4
-
-
-async def test_emit_is_hot_and_every_event_handler_runs(client: ClientProxy) -> None:
-    client.emit(f"user_created.{RUN}", {"userId": "u1"})  # not awaited: it leaves anyway
-    await wait_until(lambda: len(events) == 2)
-    assert sorted(map(json.dumps, events)) == sorted(
-        map(json.dumps, [{"userId": "u1"}, {"second": {"userId": "u1"}, "headers": None}])
-    )
-    assert await client.emit(f"user_created.{RUN}", {"userId": "u2"}) is None
-    await client.emit(f"explodes.{RUN}", 1)  # a failing handler is logged, not fatal
-    await client.emit(f"nobody_listens.{RUN}", 1)
-    assert await client.send(p("sum"), [1]) == 1
-
-
-async def test_timeout_per_call_and_server_keeps_serving(client: ClientProxy) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s"):
-        await client.send(p("hang"), 1, timeout=0.2)
-    assert loop.time() - started < 1.0
-    assert await client.send(p("sum"), [1, 1]) == 2
 
 
 async def test_context_subject_and_headers(
@@ -395,15 +328,6 @@ async def test_a_reply_for_another_id_is_ignored_like_nest(
     assert len(answered) == 1
 
 
-async def test_close_fails_pending_requests_at_once(client: ClientProxy) -> None:
-    pending = asyncio.ensure_future(client.send(p("hang"), 1, timeout=10))
-    await wait_until(lambda: client.is_connected and bool(client._routing))
-    await client.close()
-    with pytest.raises(ConnectionClosedError, match="was closed"):
-        await asyncio.wait_for(pending, 1)
-    assert await client.send(p("sum"), [3]) == 3  # and it connects again on demand
-
-
 async def test_unreachable_broker_is_a_clear_error_fast() -> None:
     port = brokers.free_port()
     client = NatsClient({"servers": f"nats://app:hunter2@127.0.0.1:{port}", "timeout": 2})
@@ -427,54 +351,6 @@ async def test_servers_option_defaults_to_the_broker_found(url: str, start: Any)
         assert client.describe() == brokers.redact(brokers.find("nats").url)
     finally:
         await client.close()
-
-
-async def test_many_concurrent_requests_and_non_ascii(client: ClientProxy) -> None:
-    results = await asyncio.gather(*(client.send(p("async_sum"), [i, i]) for i in range(500)))
-    assert results == [2 * i for i in range(500)]
-    data = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"x": "é"}]}]}
-    client.emit(f"user_created.{RUN}", data)
-    await wait_until(lambda: len(events) == 2)
-    assert data in events
-
-
-async def test_broker_restart_under_server_and_client() -> None:
-    """Stop the broker: sends fail clearly and in time.  Start it again on the same
-    port: the server has re-subscribed by itself and sends succeed."""
-    port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start, "nats", port)
-    options = {"servers": broker.url, "reconnect_time_wait": 0.05}
-    app = await NestFactory.create_microservice(
-        AppModule, transport=Transport.NATS, options={**options, "close_grace": 0.1}
-    )
-    client = NatsClient({**options, "timeout": 2})
-    try:
-        await app.start()
-        server = app.server
-        assert isinstance(server, NatsServer)
-        assert await client.send(p("sum"), [1, 2]) == 3
-        in_flight = asyncio.ensure_future(client.send(p("hang"), 1, timeout=10))
-        await wait_until(lambda: bool(client._routing))
-
-        await asyncio.to_thread(broker.stop)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(ConnectionClosedError, match="lost; reconnecting"):
-            await asyncio.wait_for(in_flight, 2)  # at once, not after 10 s
-        await wait_until(lambda: not client.is_connected and not server.is_connected)
-        with pytest.raises((ConnectionError, RequestTimeoutError)):
-            await client.send(p("sum"), [1], timeout=1)
-        assert loop.time() - started < 1.5
-
-        broker = await asyncio.to_thread(brokers.start, "nats", port)
-        await wait_until(lambda: client.is_connected and server.is_connected, within=5)
-        assert await client.send(p("sum"), [2, 3]) == 5
-        client.emit(f"user_created.{RUN}", "back")
-        await wait_until(lambda: "back" in events)
-    finally:
-        await client.close()
-        await app.close()
-        await asyncio.to_thread(broker.stop)
 
 
 async def test_giving_up_reconnecting_is_said_once_and_the_client_connects_afresh(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from nest_harness import NestServer, nest_missing
+from support.nest import NestServer, nest_missing
 
 from nestpy_mini import ClientProxyFactory, Transport
 

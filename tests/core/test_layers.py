@@ -17,7 +17,7 @@ import pytest
 
 from nestpy_mini.dev import brokers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "nestpy_mini"
 FRAMEWORK = [p for p in PACKAGE.rglob("*.py") if "dev" not in p.relative_to(PACKAGE).parts]
 
