@@ -188,12 +188,14 @@ TANSU_TUNING: dict[str, Any] = {
 }
 for _section in TANSU_TUNING.values():
     _section["metadata_max_age"] = 1000  # topics come back soon after an in-memory restart
-_tansu: set[str] = set()  # the addresses of the Tansus this process started
+# The addresses of the Tansus started here, also in the env, so that a process
+# started from this one (a notebook's kernel, say) tunes for them as well.
+TANSU_ENV = "NESTPY_DEV_TANSU"
 
 
 def kafka_options(url: str, **more: Any) -> dict[str, Any]:
     """Kafka transport options for the brokers at ``url``: tuned if it is a Tansu started here."""
-    tuned = url in _tansu
+    tuned = url in os.environ.get(TANSU_ENV, "").split(",")
     options: dict[str, Any] = {"client": {"brokers": url.split(",")}}
     for section in ("consumer", "producer"):
         options[section] = {**(TANSU_TUNING[section] if tuned else {}), **more.pop(section, {})}
@@ -238,7 +240,8 @@ def start(kind: str, port: int | None = None) -> Broker:
             raise BrokerUnavailable(f"embedded {kind} did not start on port {port}: {said[0]}")
         time.sleep(0.02)
     if kind == "kafka":
-        _tansu.add(url_of(kind, port))
+        started = filter(None, [*os.environ.get(TANSU_ENV, "").split(","), url_of(kind, port)])
+        os.environ[TANSU_ENV] = ",".join(started)
     return Broker(kind, url_of(kind, port), f"embedded {PIP_BROKER[kind]}", stop)
 
 

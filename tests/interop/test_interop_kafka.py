@@ -24,6 +24,7 @@ from nestpy_mini import (
     NestFactory,
     Transport,
 )
+from nestpy_mini.dev import brokers
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
@@ -52,9 +53,9 @@ async def test_nest_and_python_instances_share_one_group(
     app = await NestFactory.create_microservice(
         interop_module("kafka", PythonInstanceController),
         transport=Transport.KAFKA,
-        options={"client": {"brokers": url}, "consumer": {"group_id": group}},
+        options=brokers.kafka_options(url, consumer={"group_id": group}),
     )
-    client = ClientProxyFactory.create(Transport.KAFKA, {"client": {"brokers": url}, "timeout": 5})
+    client = ClientProxyFactory.create(Transport.KAFKA, brokers.kafka_options(url, timeout=5))
     try:
         # Side by side: each start joins the group, which takes a second or more.
         await start_all(server.start(), app.start())
@@ -92,7 +93,7 @@ async def test_a_null_reply_is_one_null_value_for_both_clients(
     commands = ["cmd.null", "cmd.nothing"]
     server = NestServer("kafka", url=url, group=f"nestpy_null_{secrets.token_hex(5)}")
     nest = NestClient("kafka", url=url, **{"kafka-patterns": ",".join(commands)})
-    client = ClientProxyFactory.create(Transport.KAFKA, {"client": {"brokers": url}, "timeout": 5})
+    client = ClientProxyFactory.create(Transport.KAFKA, brokers.kafka_options(url, timeout=5))
     # Nest's client is given a partition of a reply topic only if the topic is
     # complete when its group forms: these are new, so they are made first.
     maker = AIOKafkaProducer(bootstrap_servers=url)

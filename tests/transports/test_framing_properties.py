@@ -187,7 +187,7 @@ STREAMS = st.lists(SEGMENTS, max_size=8).map(b"".join)
 
 
 @given(STREAMS, st.lists(st.integers(0, 10**6), max_size=12))
-@settings(max_examples=400)
+@settings(max_examples=200)
 def test_the_decoder_reads_any_bytes_as_the_reference_does(stream: bytes, cuts: list[int]) -> None:
     """Never anything but FrameError; the same packets and the same end as the
     reference; after an error, nothing more; and never more held than a frame."""
@@ -251,7 +251,7 @@ ASCII_PACKETS = st.dictionaries(
     st.booleans(),
     st.lists(st.integers(0, 10**6), max_size=8),
 )
-@settings(max_examples=500)
+@settings(max_examples=250)
 def test_one_byte_inserted_or_lost_never_yields_a_packet_that_was_not_sent(
     messages: list[dict[str, Any]], where: int, byte: int, insert: bool, cuts: list[int]
 ) -> None:
@@ -273,7 +273,7 @@ def test_one_byte_inserted_or_lost_never_yields_a_packet_that_was_not_sent(
     st.booleans(),
     st.lists(st.integers(0, 10**6), max_size=8),
 )
-@settings(max_examples=500)
+@settings(max_examples=250)
 def test_a_character_inserted_or_lost_never_yields_a_packet_that_was_not_sent(
     messages: list[dict[str, Any]], where: int, char: str, insert: bool, cuts: list[int]
 ) -> None:

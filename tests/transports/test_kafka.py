@@ -153,20 +153,9 @@ def url(broker_url: Callable[[str], str]) -> str:
     return broker_url("kafka")
 
 
-# Tansu holds a group join until half the session timeout has passed and
-# answers a fetch when half its wait is over, so the tests shorten both, as
-# nestpy_mini/dev/nest/common.mjs does for kafkajs; the transport keeps aiokafka's defaults.
-TANSU = {"session_timeout": 1500, "heartbeat_interval": 250, "max_wait_time_in_ms": 20}
-
-
 def client_options(url: str, **more: Any) -> dict[str, Any]:
-    fresh_metadata = {"metadata_max_age": 1000}  # topics come back soon after a restart
-    return {
-        "client": {"brokers": url.split(",")},
-        "consumer": {**TANSU, **fresh_metadata},
-        "producer": fresh_metadata,
-        **more,
-    }
+    """Options for the test's Tansu, tuned by the dev layer (``brokers.TANSU_TUNING``)."""
+    return brokers.kafka_options(url, **more)
 
 
 def server_options(url: str, group: str, **more: Any) -> dict[str, Any]:
