@@ -1,12 +1,8 @@
 """Command line: serve a module, or send a request / emit an event to a service.
 
-    python -m nestpy_mini serve notebooks.math_service:AppModule --port 3001
-    python -m nestpy_mini send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
-    python -m nestpy_mini emit --transport redis user_created '{"userId": "42"}'
-
-Patterns and data are JSON; a pattern that is not valid JSON is a plain string.
-TCP takes ``--host``/``--port``; a broker transport takes ``--url`` and, without
-it, the env URL (``REDIS_URL``...) or Nest's default address, as in code.
+python -m nestpy_mini serve notebooks.math_service:AppModule --port 3001
+python -m nestpy_mini send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
+python -m nestpy_mini emit --transport redis user_created '{"userId": "42"}'
 """
 
 from __future__ import annotations
@@ -21,14 +17,8 @@ from typing import Any
 from . import ClientProxyFactory, NestFactory, RpcError, Transport
 from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT
 
-# The option each broker transport names its broker with, as Nest names it.
-_URL_OPTION = {
-    Transport.REDIS: lambda url: {"url": url},
-    Transport.NATS: lambda url: {"servers": url.split(",")},
-    Transport.MQTT: lambda url: {"url": url},
-    Transport.RMQ: lambda url: {"urls": url.split(",")},
-    Transport.KAFKA: lambda url: {"client": {"brokers": url.split(",")}},
-}
+# The option that names a broker transport's brokers, as Nest names it (Kafka's is in "client").
+_URL_OPTION = {"redis": "url", "nats": "servers", "mqtt": "url", "rmq": "urls", "kafka": "brokers"}
 
 
 def _json(text: str) -> Any:
@@ -39,84 +29,69 @@ def _json(text: str) -> Any:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    transport = Transport[args.transport.upper()]
+    name = args.transport.upper()
     options: dict[str, Any] = {}
-    if transport is Transport.TCP:
+    if name == "TCP":
         if args.url:
             raise SystemExit("error: TCP takes --host and --port, not --url")
         options = {"host": args.host or DEFAULT_HOST, "port": args.port or DEFAULT_PORT}
     elif args.host or args.port:
-        raise SystemExit(f"error: {transport.name} takes --url (its broker), not --host/--port")
+        raise SystemExit(f"error: {name} takes --url (its broker), not --host/--port")
     elif args.url:
-        options = _URL_OPTION[transport](args.url)
+        key = _URL_OPTION.get(args.transport, "url")  # redis and mqtt take one URL, not a list
+        options = {key: args.url if key == "url" else args.url.split(",")}
+        if name == "KAFKA":
+            options = {"client": options}
     if getattr(args, "timeout", None) is not None:
         options["timeout"] = args.timeout
     return options
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    module_path, _, attr = args.module.partition(":")
-    module = getattr(importlib.import_module(module_path), attr or "AppModule")
-    app = await NestFactory.create_microservice(
-        module, transport=Transport[args.transport.upper()], options=_options(args)
-    )
-    app.enable_shutdown_hooks()
-    await app.start()
-    print(f"serving {args.module} on {app.server.describe()}", flush=True)
-    await app.listen()
-
-
-async def _send(args: argparse.Namespace) -> int:
-    client = ClientProxyFactory.create(Transport[args.transport.upper()], _options(args))
+async def _run(args: argparse.Namespace) -> None:
+    transport, options = Transport[args.transport.upper()], _options(args)
+    if args.command == "serve":
+        path, _, attr = args.module.partition(":")
+        module = getattr(importlib.import_module(path), attr or "AppModule")
+        app = await NestFactory.create_microservice(module, transport=transport, options=options)
+        app.enable_shutdown_hooks()
+        await app.start()
+        print(f"serving {args.module} on {app.server.describe()}", flush=True)
+        await app.listen()
+        return
+    client = ClientProxyFactory.create(transport, options)
     try:
-        async for value in client.send(_json(args.pattern), _json(args.data)):
-            print(json.dumps(value, ensure_ascii=False))
-    except RpcError as exc:
-        print(f"error: {json.dumps(exc.error, ensure_ascii=False)}", file=sys.stderr)
-        return 1
+        if args.command == "emit":
+            await client.emit(args.pattern, args.data)
+        else:
+            async for value in client.send(args.pattern, args.data):
+                print(json.dumps(value, ensure_ascii=False))
     finally:
         await client.close()
-    return 0
-
-
-async def _emit(args: argparse.Namespace) -> int:
-    client = ClientProxyFactory.create(Transport[args.transport.upper()], _options(args))
-    try:
-        await client.emit(_json(args.pattern), _json(args.data))
-    finally:
-        await client.close()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nestpy_mini", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser("python -m nestpy_mini", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--transport", default="tcp", choices=[t.name.lower() for t in Transport])
+    common.add_argument("--host", help=f"TCP only (default {DEFAULT_HOST})")
+    common.add_argument("--port", type=int, help=f"TCP only (default {DEFAULT_PORT})")
+    common.add_argument("--url", help="a broker transport's broker (default: its env URL, Nest's)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("serve", "send", "emit"):
-        cmd = sub.add_parser(name)
-        cmd.add_argument("--transport", default="tcp", choices=[t.name.lower() for t in Transport])
-        cmd.add_argument("--host", help=f"TCP only (default {DEFAULT_HOST})")
-        cmd.add_argument("--port", type=int, help=f"TCP only (default {DEFAULT_PORT})")
-        cmd.add_argument("--url", help="a broker transport's broker (default: env URL, Nest's)")
-        if name == "serve":
-            cmd.add_argument(
-                "module", help="import path of the root module, e.g. pkg.app:AppModule"
-            )
-        else:
-            cmd.add_argument("pattern", help='JSON pattern, e.g. \'{"cmd": "sum"}\'')
-            cmd.add_argument("data", help="JSON data, e.g. '[1, 2, 3]'")
-        if name == "send":
-            cmd.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    sub.add_parser("serve", parents=[common]).add_argument("module", help="e.g. pkg.app:AppModule")
+    for name in ("send", "emit"):
+        cmd = sub.add_parser(name, parents=[common])
+        cmd.add_argument("pattern", type=_json, help='JSON or a string, e.g. \'{"cmd": "sum"}\'')
+        cmd.add_argument("data", type=_json, help="JSON or a string, e.g. '[1, 2, 3]'")
+        cmd.add_argument("--timeout", type=float, help="seconds to wait for the service")
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
-            asyncio.run(_serve(args))
-            return 0
-        return asyncio.run(_send(args) if args.command == "send" else _emit(args))
+        asyncio.run(_run(args))
+        return 0
+    except RpcError as exc:
+        print(f"error: {json.dumps(exc.error, ensure_ascii=False)}", file=sys.stderr)
     except (ConnectionError, TimeoutError, NotImplementedError, ModuleNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return 1
 
 
 if __name__ == "__main__":

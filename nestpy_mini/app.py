@@ -1,17 +1,16 @@
 """NestFactory, the applications it returns, and the clients that ``ClientsModule`` provides.
 
-``start()`` is Nest's ``listen()``: it returns once the server is ready.
-``listen()`` here also waits until the app is closed, which is what a
-script's last line wants; ``start()`` and ``close()`` are the pair for code
-that already runs inside an event loop, such as a notebook cell.
+``start()`` is Nest's ``listen()``: it returns once the server is ready.  ``listen()`` here
+also waits until the app is closed, as a script's last line wants; ``start()`` and
+``close()`` are the pair for code already inside an event loop, such as a notebook cell.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import signal
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .client import ClientProxy
@@ -24,125 +23,97 @@ from .transports import Transport, load
 if TYPE_CHECKING:
     from .http import HttpServer
 
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-async def call_hooks(instances: list[Any], name: str) -> None:
-    for instance in instances:
-        hook = getattr(instance, name, None)
-        if hook is not None:
-            result = hook()
+
+async def call_hooks(container: Container, *names: str) -> None:
+    """Run each lifecycle hook, in turn, on every provider and controller that has it."""
+    for name in names:
+        for instance in list(container.instances()):
+            result = getattr(instance, name, lambda: None)()
             if inspect.isawaitable(result):
                 await result
 
 
-def register_handlers(server: Server, controllers: list[Any]) -> None:
-    """Give ``server`` every ``@MessagePattern``/``@EventPattern`` method of the controllers."""
-    for controller in controllers:
-        cls = type(controller)
-        for attr in dir(cls):
-            func = getattr(cls, attr, None)
-            for pattern, is_event, extras in getattr(func, PATTERN_ATTR, ()):
-                server.add_handler(
-                    pattern, getattr(controller, attr), is_event, f"{cls.__name__}.{attr}", extras
-                )
-
-
 class NestMicroservice:
-    """A microservice: one module graph served over one transport."""
+    """A microservice: the controllers' message and event handlers served over one transport."""
 
     def __init__(
         self, container: Container, server: Server, *, owns_container: bool = True
     ) -> None:
+        for controller in container.controllers:
+            cls = type(controller)
+            for attr in dir(cls):
+                marks = getattr(getattr(cls, attr, None), PATTERN_ATTR, ())
+                for pattern, is_event, extras in marks:
+                    name = f"{cls.__name__}.{attr}"
+                    server.add_handler(pattern, getattr(controller, attr), is_event, name, extras)
         self.container = container
         self.server = server
-        self._owns_container = owns_container
+        self._owns_container = owns_container  # False in a hybrid app: the app runs the hooks
         self._started = False
-        self._closed: asyncio.Event | None = None
-        # The one close in progress (or done): a second close() -- a signal
-        # during an explicit close, say -- waits for it instead of running the
-        # shutdown hooks (which close the clients) under handlers still running.
-        self._closing: asyncio.Future[None] | None = None
-        self._signals: tuple[asyncio.AbstractEventLoop, list[int]] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()  # set once a close is done
+        self._signal_loop: asyncio.AbstractEventLoop | None = None
         self._signal_close: asyncio.Future[None] | None = None
 
     def get(self, token: Any) -> Any:
         """The instance the container built for ``token``."""
         return self.container.get(token)
 
+    async def _hooks(self, *names: str) -> None:
+        if self._owns_container:
+            await call_hooks(self.container, *names)
+
     async def start(self) -> NestMicroservice:
         """Begin serving and return at once."""
-        if self._started:
-            return self
-        await self.server.listen()
-        self._started = True
-        self._closed = asyncio.Event()
-        # Started again after a close: a later close() is a new one.
-        self._closing = self._signal_close = None
-        if self._owns_container:
-            await call_hooks(list(self.container.instances()), "on_application_bootstrap")
+        if not self._started:
+            await self.server.listen()
+            self._started = True
+            self._closing = False  # started again after a close: a later close() is a new one
+            self._closed.clear()
+            await self._hooks("on_application_bootstrap")
         return self
 
     def enable_shutdown_hooks(self) -> NestMicroservice:
         """Close gracefully on SIGINT/SIGTERM, as Nest's ``enableShutdownHooks``."""
-        loop = asyncio.get_running_loop()
-        sigs = [signal.SIGINT, signal.SIGTERM]
-        for sig in sigs:
-            loop.add_signal_handler(sig, self._on_signal)
-        self._signals = (loop, sigs)
+        self._signal_loop = asyncio.get_running_loop()
+        for sig in SHUTDOWN_SIGNALS:
+            self._signal_loop.add_signal_handler(sig, self._on_signal)
         return self
+
+    def _on_signal(self) -> None:
+        if self._signal_close is None or self._signal_close.done():
+            # Kept: a task nobody references could be garbage-collected mid-close.
+            self._signal_close = asyncio.ensure_future(self.close())
 
     async def listen(self) -> None:
         """Start, then serve until ``close()`` is called (by a handler, a signal, another task)."""
         await self.start()
-        assert self._closed is not None
         await self._closed.wait()
 
     async def close(self) -> None:
-        """Stop accepting, let running handlers finish (within ``close_grace``),
-        close connections and clients.  Safe to call again, or at the same time:
-        every caller returns once the one close is done."""
-        if self._closing is not None:
-            # shield: a waiter cancelled here must not cancel the close itself.
-            await asyncio.shield(self._closing)
+        """Stop accepting, let running handlers finish (within ``close_grace``), then run the
+        shutdown hooks, which close the clients.  A second close (a signal during an explicit
+        one, say) waits for the first rather than run them under handlers still running.
+        The first closes inline, not in a task: the transport stops accepting in this call."""
+        if self._closing:
+            await self._closed.wait()
             return
-        # The first caller closes inline, not in a task: the transport stops
-        # accepting within this very call, before any other task runs.
-        done = self._closing = asyncio.get_running_loop().create_future()
-        try:
-            await self._close()
-        except asyncio.CancelledError:
-            done.cancel()
-            raise
-        except BaseException as exc:
-            done.set_exception(exc)
-            done.exception()  # retrieved: there may be no other caller to see it
-            raise
-        done.set_result(None)
-
-    def _on_signal(self) -> None:
-        # The task is kept: a bare ensure_future() could be garbage-collected mid-close.
-        if self._signal_close is None:
-            self._signal_close = asyncio.ensure_future(self.close())
-
-    async def _close(self) -> None:
-        self._remove_signal_handlers()
+        self._closing = True
+        if self._signal_loop is not None:
+            for sig in SHUTDOWN_SIGNALS:
+                self._signal_loop.remove_signal_handler(sig)
+            self._signal_loop = None
         try:
             if self._started:
                 self._started = False
                 await self.server.close()
-                if self._owns_container:
-                    await call_hooks(list(self.container.instances()), "on_module_destroy")
-            if self._owns_container:
-                await call_hooks(list(self.container.instances()), "on_application_shutdown")
+                await self._hooks("on_module_destroy")
+            await self._hooks("on_application_shutdown")
         finally:
             # Even if a hook failed: listen() must return, or a SIGTERM'd process never exits.
-            if self._closed is not None:
-                self._closed.set()
-
-    def _remove_signal_handlers(self) -> None:
-        signals, self._signals = self._signals, None
-        if signals is not None and not signals[0].is_closed():
-            for sig in signals[1]:
-                signals[0].remove_signal_handler(sig)
+            self._closed.set()
 
     async def __aenter__(self) -> NestMicroservice:
         return await self.start()
@@ -167,10 +138,8 @@ class NestApplication:
     ) -> NestMicroservice:
         """Serve this app's message patterns over ``transport`` as well."""
         server = load(transport).SERVER(options)
-        register_handlers(server, self.container.controllers)
-        microservice = NestMicroservice(self.container, server, owns_container=False)
-        self.microservices.append(microservice)
-        return microservice
+        self.microservices.append(NestMicroservice(self.container, server, owns_container=False))
+        return self.microservices[-1]
 
     async def start_all_microservices(self) -> None:
         for microservice in self.microservices:
@@ -184,11 +153,10 @@ class NestApplication:
             raise ModuleNotFoundError(
                 f"HTTP apps need {exc.name}: pip install 'nestpy-mini[http]'", name=exc.name
             ) from None
-
         routes = [(c, getattr(type(c), PREFIX_ATTR, "")) for c in self.container.controllers]
         self.http = HttpServer(routes)
         await self.http.start(host, port)
-        await call_hooks(list(self.container.instances()), "on_application_bootstrap")
+        await call_hooks(self.container, "on_application_bootstrap")
 
     @property
     def url(self) -> str:
@@ -207,20 +175,24 @@ class NestApplication:
             await microservice.close()
         if self.http is not None:
             await self.http.close()
-        await call_hooks(list(self.container.instances()), "on_module_destroy")
-        await call_hooks(list(self.container.instances()), "on_application_shutdown")
+        await call_hooks(self.container, "on_module_destroy", "on_application_shutdown")
+
+
+async def _container(module: Any) -> Container:
+    container = Container(module)
+    await container.init()
+    await call_hooks(container, "on_module_init")
+    return container
 
 
 class NestFactory:
-    """Creates applications from a root module."""
+    """Creates applications from a root module: each builds the module graph (raising on
+    wiring mistakes) and runs ``on_module_init`` first."""
 
     @staticmethod
     async def create(module: Any) -> NestApplication:
         """An HTTP application; add transports with ``connect_microservice`` for a hybrid."""
-        container = Container(module)
-        await container.init()
-        await call_hooks(list(container.instances()), "on_module_init")
-        return NestApplication(container)
+        return NestApplication(await _container(module))
 
     @staticmethod
     async def create_microservice(
@@ -230,13 +202,9 @@ class NestFactory:
         options: dict[str, Any] | None = None,
         strategy: Server | None = None,
     ) -> NestMicroservice:
-        """Build the module graph (raising on wiring mistakes) and a server for it."""
-        container = Container(module)
-        await container.init()
-        await call_hooks(list(container.instances()), "on_module_init")
+        """The module served over ``transport``, or by ``strategy``, a custom ``Server``."""
         server = strategy if strategy is not None else load(transport).SERVER(options)
-        register_handlers(server, container.controllers)
-        return NestMicroservice(container, server)
+        return NestMicroservice(await _container(module), server)
 
 
 class ClientProxyFactory:
@@ -248,9 +216,7 @@ class ClientProxyFactory:
         options: dict[str, Any] | None = None,
         custom_class: type[ClientProxy] | None = None,
     ) -> ClientProxy:
-        if custom_class is not None:
-            return custom_class(options)
-        return load(transport).CLIENT(options)
+        return (custom_class or load(transport).CLIENT)(options)
 
 
 @Module()
@@ -263,17 +229,9 @@ class ClientsModule:
         for spec in clients:
             if "name" not in spec:
                 raise WiringError(f"ClientsModule.register: client {spec!r} has no 'name'")
-            providers.append({"provide": spec["name"], "use_factory": _client_factory(spec)})
-        return DynamicModule(
-            ClientsModule,
-            providers=providers,
-            exports=[p["provide"] for p in providers],
-            is_global=is_global,
-        )
-
-
-def _client_factory(spec: dict[str, Any]) -> Callable[[], ClientProxy]:
-    transport = spec.get("transport", Transport.TCP)
-    options = spec.get("options")
-    custom = spec.get("custom_class")
-    return lambda: ClientProxyFactory.create(transport, options, custom)
+            transport = spec.get("transport", Transport.TCP)
+            args = (transport, spec.get("options"), spec.get("custom_class"))
+            factory = functools.partial(ClientProxyFactory.create, *args)
+            providers.append({"provide": spec["name"], "use_factory": factory})
+        names = [spec["name"] for spec in clients]
+        return DynamicModule(ClientsModule, providers=providers, exports=names, is_global=is_global)

@@ -1,14 +1,13 @@
 """Module, Controller, Injectable, MessagePattern, EventPattern and the ``Annotated`` markers.
 
-These only record metadata on the class or function; ``injector.py`` and
-``app.py`` read it.  Plain attributes keep the classes ordinary: no
-metaclass, nothing wrapped.
+They only record metadata in plain attributes, which ``injector.py`` and ``app.py`` read:
+no metaclass, nothing wrapped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 T = TypeVar("T", bound=type)
@@ -16,7 +15,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 Pattern = str | int | float | dict[str, Any]
 
 MODULE_ATTR = "__nestpy_module__"
-ROLE_ATTR = "__nestpy_role__"
 PREFIX_ATTR = "__nestpy_prefix__"
 PATTERN_ATTR = "__nestpy_patterns__"
 
@@ -41,17 +39,9 @@ class Ctx:
 
 
 @dataclass
-class ModuleMeta:
-    imports: list[Any] = field(default_factory=list)
-    controllers: list[type] = field(default_factory=list)
-    providers: list[Any] = field(default_factory=list)
-    exports: list[Any] = field(default_factory=list)
-    is_global: bool = False
-
-
-@dataclass
 class DynamicModule:
-    """A module configured at import time, like ``ClientsModule.register([...])``."""
+    """Nest's module metadata plus the module class: what ``@Module`` records on a class, and
+    what ``ClientsModule.register([...])`` returns to add to that class's own metadata."""
 
     module: type
     imports: Sequence[Any] = ()
@@ -72,18 +62,8 @@ def Module(
     """Declare what a module builds (providers, controllers) and shares (exports)."""
 
     def decorate(cls: T) -> T:
-        meta = ModuleMeta(
-            list(imports), list(controllers), list(providers), list(exports), is_global
-        )
+        meta = DynamicModule(cls, imports, controllers, providers, exports, is_global)
         setattr(cls, MODULE_ATTR, meta)
-        return cls
-
-    return decorate
-
-
-def _role(role: str) -> Callable[[T], T]:
-    def decorate(cls: T) -> T:
-        setattr(cls, ROLE_ATTR, role)
         return cls
 
     return decorate
@@ -94,13 +74,13 @@ def Controller(cls: T, /) -> T: ...
 @overload
 def Controller(prefix: str = "", /) -> Callable[[T], T]: ...
 def Controller(arg: T | str = "", /) -> T | Callable[[T], T]:
-    """Mark a class whose handlers the app serves; ``Controller("math")`` prefixes routes."""
+    """A class whose handlers the app serves; ``Controller("math")`` prefixes its HTTP routes."""
     if isinstance(arg, type):
-        return _role("controller")(arg)
+        return arg
 
     def decorate(cls: T) -> T:
         setattr(cls, PREFIX_ATTR, arg.strip("/"))
-        return _role("controller")(cls)
+        return cls
 
     return decorate
 
@@ -110,29 +90,27 @@ def Injectable(cls: T, /) -> T: ...
 @overload
 def Injectable(cls: None = None, /) -> Callable[[T], T]: ...
 def Injectable(cls: T | None = None, /) -> T | Callable[[T], T]:
-    """Mark a class the injector may construct and share."""
-    return _role("injectable")(cls) if cls is not None else _role("injectable")
+    """Nest's ``@Injectable()``. It records nothing: Nest needs it to emit the constructor's
+    types, which Python keeps anyway, so any class listed in ``providers`` is constructed."""
+    return cls if cls is not None else Injectable  # @Injectable() is @Injectable
 
 
-def _mark(pattern: Pattern, is_event: bool, extras: dict[str, Any] | None) -> Callable[[F], F]:
+def mark(attr: str, value: Any) -> Callable[[F], F]:
+    """Append ``value`` to the list in ``func.<attr>``: one method may carry several marks."""
+
     def decorate(func: F) -> F:
-        marks = list(getattr(func, PATTERN_ATTR, ()))
-        marks.append((pattern, is_event, dict(extras or {})))
-        setattr(func, PATTERN_ATTR, marks)
+        setattr(func, attr, [*getattr(func, attr, ()), value])
         return func
 
     return decorate
 
 
 def MessagePattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
-    """Request-response: the handler's return value (or stream) is the reply.
-
-    ``extras`` are per-handler transport settings: ``{"queue": ...}`` on
-    NATS, ``{"qos": 1}`` on MQTT.
-    """
-    return _mark(pattern, False, extras)
+    """Request-response: the handler's return value (or stream) is the reply.  ``extras`` are
+    per-handler transport settings: ``{"queue": ...}`` on NATS, ``{"qos": 1}`` on MQTT."""
+    return mark(PATTERN_ATTR, (pattern, False, dict(extras or {})))
 
 
 def EventPattern(pattern: Pattern, extras: dict[str, Any] | None = None) -> Callable[[F], F]:
     """Fire-and-forget: every handler of the event runs, nothing is replied."""
-    return _mark(pattern, True, extras)
+    return mark(PATTERN_ATTR, (pattern, True, dict(extras or {})))

@@ -5,41 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 
-class RpcException(Exception):
-    """Raise in a handler to send ``error`` to the caller as it is.
+def _message(error: Any, default: str) -> str:
+    """An error's text as Nest reads it: its ``message`` field when that is a string."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return default
 
-    A string arrives as ``{"status": "error", "message": error}``, a dict
-    arrives unchanged: the same rule as Nest's ``BaseRpcExceptionFilter``.
-    """
+
+class RpcException(Exception):
+    """Raise in a handler to send ``error`` to the caller: a string arrives as
+    ``{"status": "error", "message": error}``, a dict unchanged, as in Nest's
+    ``BaseRpcExceptionFilter``."""
 
     def __init__(self, error: str | dict[str, Any]) -> None:
         self.error = error
-        if isinstance(error, str):
-            message = error
-        elif isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        else:
-            message = "Rpc Exception"
-        super().__init__(message)
+        super().__init__(error if isinstance(error, str) else _message(error, "Rpc Exception"))
 
     def get_error(self) -> str | dict[str, Any]:
         return self.error
 
 
 class RpcError(Exception):
-    """What a caller gets when the remote handler failed.
-
-    ``error`` is the ``err`` value of the reply, unchanged, so code written
-    against a NestJS service can inspect the same fields.
-    """
+    """What a caller gets when the remote handler failed: ``error`` is the reply's
+    ``err`` unchanged, so code written against a NestJS service reads the same fields."""
 
     def __init__(self, error: Any) -> None:
         self.error = error
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        else:
-            message = str(error)
-        super().__init__(message)
+        super().__init__(_message(error, str(error)))
 
 
 class RequestTimeoutError(TimeoutError):

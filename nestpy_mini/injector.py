@@ -1,120 +1,71 @@
 """Builds the module graph and constructs providers and controllers.
 
-Scoping follows Nest: a class sees the providers of its own module, the
-exports of the modules that module imports, and global modules.  Every wiring
-mistake is found while building, before anything listens, and the error names
-the class and the parameter that could not be satisfied.
+Scoping follows Nest: a class sees the providers of its own module, the exports of the modules
+that module imports, and global modules.  Every wiring mistake is found while building, before
+anything listens, and the error names the class and the parameter that could not be satisfied.
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Annotated, Any, get_args, get_origin
 
-from .decorators import MODULE_ATTR, DynamicModule, Inject, ModuleMeta
+from .decorators import MODULE_ATTR, DynamicModule, Inject
 from .exceptions import WiringError
-
-_MISSING = object()
-
-
-@dataclass
-class _ProviderDef:
-    token: Any
-    kind: str  # "class" | "value" | "factory"
-    target: Any
-    inject: tuple[Any, ...] = ()
 
 
 def token_name(token: Any) -> str:
     return token.__name__ if isinstance(token, type) else repr(token)
 
 
-def _provider_def(spec: Any, module_name: str) -> _ProviderDef:
-    if isinstance(spec, type):
-        return _ProviderDef(spec, "class", spec)
-    if isinstance(spec, dict) and "provide" in spec:
-        token = spec["provide"]
-        if "use_value" in spec:
-            return _ProviderDef(token, "value", spec["use_value"])
-        if "use_class" in spec:
-            return _ProviderDef(token, "class", spec["use_class"])
-        if "use_factory" in spec:
-            return _ProviderDef(
-                token, "factory", spec["use_factory"], tuple(spec.get("inject", ()))
-            )
+def _token(provider: Any, module_name: str) -> Any:
+    """The token a provider spec provides: a class, or ``{"provide": token, "use_...": ...}``."""
+    if isinstance(provider, type):
+        return provider
+    if isinstance(provider, dict) and "provide" in provider:
+        if {"use_value", "use_class", "use_factory"} & provider.keys():
+            return provider["provide"]
     raise WiringError(
-        f"{module_name}: provider {spec!r} is neither a class nor a dict with 'provide' and one "
-        "of 'use_value', 'use_class', 'use_factory'"
+        f"{module_name}: provider {provider!r} is neither a class nor a dict with 'provide' and "
+        "one of 'use_value', 'use_class', 'use_factory'"
     )
-
-
-def constructor_dependencies(cls: type) -> list[tuple[str, Any, Any]]:
-    """``(parameter, token, default)`` for each constructor parameter of ``cls``."""
-    init = cls.__init__
-    if init is object.__init__:
-        return []
-    try:
-        hints = typing.get_type_hints(init, include_extras=True)
-    except NameError as exc:
-        raise WiringError(f"{cls.__name__}: cannot read constructor type hints: {exc}") from exc
-    deps = []
-    for name, param in list(inspect.signature(init).parameters.items())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        hint = hints.get(name, _MISSING)
-        token: Any = hint
-        if get_origin(hint) is Annotated:
-            base, *extras = get_args(hint)
-            token = base
-            for extra in extras:
-                if isinstance(extra, Inject):
-                    token = extra.token
-        if token is _MISSING:
-            if param.default is not param.empty:
-                continue
-            raise WiringError(
-                f"{cls.__name__}: constructor parameter {name!r} has no type hint, so nothing "
-                "can be injected; annotate it with a provider class or Annotated[T, Inject(token)]"
-            )
-        default = _MISSING if param.default is param.empty else param.default
-        deps.append((name, token, default))
-    return deps
 
 
 class ModuleRef:
     """One module in the graph: its providers, what it imports, what it shares."""
 
-    def __init__(self, key: Any, meta: ModuleMeta | DynamicModule, name: str) -> None:
+    def __init__(self, key: Any, cls: type, metas: list[DynamicModule]) -> None:
         self.key = key
-        self.name = name
-        self.is_global = meta.is_global
-        self.providers: dict[Any, _ProviderDef] = {}
-        for spec in meta.providers:
-            pdef = _provider_def(spec, name)
-            self.providers[pdef.token] = pdef
-        self.controllers = list(meta.controllers)
-        self.raw_imports = list(meta.imports)
-        self.raw_exports = list(meta.exports)
+        self.cls = cls
+        self.name = cls.__name__
+        self.is_global = any(meta.is_global for meta in metas)
+        self.providers = {_token(p, self.name): p for meta in metas for p in meta.providers}
+        self.controllers = [c for meta in metas for c in meta.controllers]
+        self.exports = [e for meta in metas for e in meta.exports]
         self.imports: list[ModuleRef] = []
+        self.exported: dict[Any, ModuleRef] = {}  # token -> the module that provides it
         self.instances: dict[Any, Any] = {}
 
     def exported_tokens(self, seen: set[int] | None = None) -> Iterator[tuple[Any, ModuleRef]]:
-        """Tokens this module shares, with the module that owns each one."""
+        """Tokens this module shares, with the module that provides each; exporting an imported
+        module shares what that module exports."""
         seen = seen if seen is not None else set()
         if id(self) in seen:
             return
         seen.add(id(self))
-        for exp in self.raw_exports:
-            mod = next(
-                (m for m in self.imports if exp in (m.key, getattr(m.key, "module", None))), None
-            )
-            if mod is not None:
-                yield from mod.exported_tokens(seen)
+        for token in self.exports:
+            imported = next((m for m in self.imports if token in (m.key, m.cls)), None)
+            if imported is not None:
+                yield from imported.exported_tokens(seen)
+            elif token in self.providers:
+                yield token, self
             else:
-                yield exp, self
+                raise WiringError(
+                    f"{self.name} exports {token_name(token)}, which is neither one of its "
+                    "providers nor a module it imports"
+                )
 
 
 class Container:
@@ -122,59 +73,34 @@ class Container:
 
     def __init__(self, root: Any) -> None:
         self.modules: list[ModuleRef] = []
-        self._by_key: dict[int, ModuleRef] = {}
-        self.root = self._add_module(root, [])
+        self.root = self._add_module(root, None)
         self._globals = [m for m in self.modules if m.is_global]
         self.controllers: list[Any] = []
         self._resolving: list[str] = []
-        self._check_exports()
-
-    def _add_module(self, spec: Any, path: list[str]) -> ModuleRef:
-        if isinstance(spec, DynamicModule):
-            meta: ModuleMeta | DynamicModule = spec
-            base = getattr(spec.module, MODULE_ATTR, None)
-            name = spec.module.__name__
-            if base is not None:  # a dynamic module adds to its class's own metadata
-                meta = DynamicModule(
-                    spec.module,
-                    [*base.imports, *spec.imports],
-                    [*base.controllers, *spec.controllers],
-                    [*base.providers, *spec.providers],
-                    [*base.exports, *spec.exports],
-                    base.is_global or spec.is_global,
-                )
-        else:
-            meta = getattr(spec, MODULE_ATTR, None)
-            name = getattr(spec, "__name__", repr(spec))
-            if meta is None:
-                where = f" (imported by {path[-1]})" if path else ""
-                raise WiringError(f"{name}{where} is not a module: decorate it with @Module(...)")
-        if id(spec) in self._by_key:
-            return self._by_key[id(spec)]
-        ref = ModuleRef(spec, meta, name)
-        self._by_key[id(spec)] = ref
-        self.modules.append(ref)
-        for imp in ref.raw_imports:
-            ref.imports.append(self._add_module(imp, [*path, name]))
-        return ref
-
-    def _check_exports(self) -> None:
         for mod in self.modules:
-            for token, owner in mod.exported_tokens():
-                if owner is mod and token not in mod.providers:
-                    raise WiringError(
-                        f"{mod.name} exports {token_name(token)}, which is neither one of its "
-                        "providers nor a module it imports"
-                    )
+            mod.exported = dict(mod.exported_tokens())
+
+    def _add_module(self, spec: Any, importer: str | None) -> ModuleRef:
+        known = next((m for m in self.modules if m.key is spec), None)
+        if known is not None:
+            return known
+        cls = spec.module if isinstance(spec, DynamicModule) else spec
+        # A dynamic module adds to the metadata of its class, if it has any.
+        metas = [m for m in (getattr(cls, MODULE_ATTR, None), spec) if isinstance(m, DynamicModule)]
+        if not metas:
+            where = f" (imported by {importer})" if importer else ""
+            name = getattr(spec, "__name__", repr(spec))
+            raise WiringError(f"{name}{where} is not a module: decorate it with @Module(...)")
+        ref = ModuleRef(spec, cls, metas)
+        self.modules.append(ref)
+        ref.imports = [self._add_module(imp, ref.name) for meta in metas for imp in meta.imports]
+        return ref
 
     def _find(self, token: Any, mod: ModuleRef) -> ModuleRef | None:
         if token in mod.providers:
             return mod
-        for scope in (*mod.imports, *self._globals):
-            for exported, owner in scope.exported_tokens():
-                if exported == token:
-                    return owner
-        return None
+        scopes = (*mod.imports, *self._globals)
+        return next((scope.exported[token] for scope in scopes if token in scope.exported), None)
 
     async def resolve(self, token: Any, mod: ModuleRef, wanted_by: str = "") -> Any:
         owner = self._find(token, mod)
@@ -184,37 +110,55 @@ class Container:
                 f"{who}{token_name(token)}, but no provider for it is visible in {mod.name}: "
                 f"add it to {mod.name}'s providers, or import a module that exports it"
             )
-        if token in owner.instances:
-            return owner.instances[token]
-        label = f"{token_name(token)} in {owner.name}"
-        if label in self._resolving:
-            cycle = " -> ".join([*self._resolving[self._resolving.index(label) :], label])
-            raise WiringError(f"circular dependency: {cycle}")
-        self._resolving.append(label)
-        try:
-            instance = await self._build(owner.providers[token], owner)
-        finally:
-            self._resolving.pop()
-        owner.instances[token] = instance
-        return instance
+        if token not in owner.instances:
+            label = f"{token_name(token)} in {owner.name}"
+            if label in self._resolving:
+                cycle = " -> ".join([*self._resolving[self._resolving.index(label) :], label])
+                raise WiringError(f"circular dependency: {cycle}")
+            self._resolving.append(label)
+            try:
+                owner.instances[token] = await self._build(owner.providers[token], owner)
+            finally:
+                self._resolving.pop()
+        return owner.instances[token]
 
-    async def _build(self, pdef: _ProviderDef, mod: ModuleRef) -> Any:
-        if pdef.kind == "value":
-            return pdef.target
-        if pdef.kind == "factory":
-            args = [
-                await self.resolve(t, mod, f"factory for {token_name(pdef.token)}")
-                for t in pdef.inject
-            ]
-            result = pdef.target(*args)
-            return await result if inspect.isawaitable(result) else result
-        return await self.construct(pdef.target, mod)
+    async def _build(self, provider: Any, mod: ModuleRef) -> Any:
+        if isinstance(provider, type):
+            return await self.construct(provider, mod)
+        if "use_value" in provider:
+            return provider["use_value"]
+        if "use_class" in provider:
+            return await self.construct(provider["use_class"], mod)
+        wanted_by = f"factory for {token_name(provider['provide'])}"
+        args = [await self.resolve(t, mod, wanted_by) for t in provider.get("inject", ())]
+        result = provider["use_factory"](*args)
+        return await result if inspect.isawaitable(result) else result
 
     async def construct(self, cls: type, mod: ModuleRef) -> Any:
+        """``cls``, each constructor parameter injected by its type hint or its ``Inject`` token;
+        a parameter with a default keeps it when nothing visible provides the token."""
+        try:
+            hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        except NameError as exc:
+            raise WiringError(f"{cls.__name__}: cannot read constructor type hints: {exc}") from exc
         kwargs = {}
-        for name, token, default in constructor_dependencies(cls):
-            if default is not _MISSING and self._find(token, mod) is None:
+        for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
+            token = hints.get(name, param.empty)
+            if get_origin(token) is Annotated:
+                base, *extras = get_args(token)
+                injects = [extra.token for extra in extras if isinstance(extra, Inject)]
+                token = injects[-1] if injects else base
+            if param.default is not param.empty:
+                if token is param.empty or self._find(token, mod) is None:
+                    continue
+            elif token is param.empty:
+                raise WiringError(
+                    f"{cls.__name__}: constructor parameter {name!r} has no type hint, so nothing "
+                    "can be injected; annotate it with a provider class or "
+                    "Annotated[T, Inject(token)]"
+                )
             kwargs[name] = await self.resolve(token, mod, f"{cls.__name__} (parameter {name!r})")
         return cls(**kwargs)
 
@@ -227,7 +171,7 @@ class Container:
             for ctrl in mod.controllers:
                 self.controllers.append(await self.construct(ctrl, mod))
 
-    def instances(self) -> Iterable[Any]:
+    def instances(self) -> Iterator[Any]:
         for mod in self.modules:
             yield from mod.instances.values()
         yield from self.controllers

@@ -29,15 +29,10 @@ class Transport(IntEnum):
     KAFKA = 6
 
 
-# The module of each transport, and the extra that installs its broker library.
-_MODULES = {
-    Transport.TCP: ("tcp", None),
-    Transport.REDIS: ("redis", "redis"),
-    Transport.NATS: ("nats", "nats"),
-    Transport.MQTT: ("mqtt", "mqtt"),
-    Transport.RMQ: ("rmq", "rmq"),
-    Transport.KAFKA: ("kafka", "kafka"),
-}
+# The transports built; each module, and the extra that brings its broker library,
+# have the transport's lower-case name.
+_BUILT = (Transport.TCP, Transport.REDIS, Transport.NATS, Transport.MQTT, Transport.RMQ)
+_BUILT += (Transport.KAFKA,)
 
 ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
 ENV["kafka"] = "KAFKA_BROKERS"
@@ -56,21 +51,20 @@ DEFAULT_URL = {
 def load(transport: Transport | int) -> ModuleType:
     """The module implementing ``transport``; one clear line when it cannot be loaded."""
     transport = Transport(transport)
-    if transport not in _MODULES:
-        available = ", ".join(t.name for t in _MODULES)
+    if transport not in _BUILT:
+        available = ", ".join(t.name for t in _BUILT)
         raise NotImplementedError(
             f"Transport.{transport.name} is not available in nestpy_mini (available: {available})"
         )
-    name, extra = _MODULES[transport]
+    name = transport.name.lower()
     try:
         return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if extra is None or (exc.name or "").startswith(__package__ or "nestpy_mini"):
+    except ModuleNotFoundError as exc:  # a broker library, not one of ours
+        if transport is Transport.TCP or (exc.name or "").startswith("nestpy_mini"):
             raise
-        raise ModuleNotFoundError(
-            f"Transport.{transport.name} needs {exc.name}: pip install 'nestpy-mini[{extra}]'",
-            name=exc.name,
-        ) from None
+        pip = f"pip install 'nestpy-mini[{name}]'"
+        message = f"Transport.{transport.name} needs {exc.name}: {pip}"
+        raise ModuleNotFoundError(message, name=exc.name) from None
 
 
 def broker_urls(kind: str, given: Any) -> list[str]:
@@ -102,17 +96,14 @@ def describe(kind: str, urls: list[str]) -> str:
 
 def unreachable(kind: str, where: str, why: BaseException | str) -> ConnectionError:
     """The one line a user reads when no broker answers: where, why, and what to do."""
-    text = str(why).rstrip(". ") or repr(why)
+    text = f"cannot connect to {kind} at {where}: {str(why).rstrip('. ') or repr(why)}"
     if not _NO_ANSWER.search(text):  # a broker answered (and refused the login, say)
-        return ConnectionError(f"cannot connect to {kind} at {where}: {text}")
+        return ConnectionError(text)
     if kind == "rmq":
-        how = f"start RabbitMQ, or set {ENV[kind]} to one that runs"
+        how = "start RabbitMQ"
     else:
-        how = (
-            f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default "
-            f"port), or set {ENV[kind]} to one that runs"
-        )
-    return ConnectionError(f"cannot connect to {kind} at {where}: {text}; {how}")
+        how = f"start one (`python -m nestpy_mini.dev broker {kind}` runs one on the default port)"
+    return ConnectionError(f"{text}; {how}, or set {ENV[kind]} to one that runs")
 
 
 # What the libraries say when nothing listens, or nothing answers, at an address.

@@ -31,7 +31,7 @@ from nestpy_mini import (
     NestMicroservice,
 )
 from nestpy_mini.packets import NO_MESSAGE_HANDLER, UNKNOWN_EXCEPTION_MESSAGE
-from nestpy_mini.patterns import _ROUTE_CACHE, collation_key
+from nestpy_mini.patterns import _ROUTE_CACHE
 from nestpy_mini.transports.json_socket import (
     DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT,
     DEFAULT_MAX_BUFFER_SIZE,
@@ -574,7 +574,6 @@ async def test_huge_patterns_are_neither_walked_nor_cached(
     """Routing used to sort megabyte keys in Python and cache them: 300 such
     requests took 52 s and pinned 3.7 GB.  A route holds every key of its
     pattern, so one longer than every registered route is answered unrouted."""
-    cached_keys = collation_key.cache_info().currsize
     raw = await Raw.open(app.server.port)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -587,7 +586,6 @@ async def test_huge_patterns_are_neither_walked_nor_cached(
             got = await raw.packets(4)
             assert all(p == {"id": i, "status": "error", "err": NO_MESSAGE_HANDLER} for p in got)
     assert loop.time() - started < 10
-    assert collation_key.cache_info().currsize - cached_keys < 5
     assert all(len(str(key)) < 2000 for key in _ROUTE_CACHE)
     # The unknown-event lines are cut short, not megabytes long.
     assert max(len(r.getMessage()) for r in caplog.records) < 1000

@@ -37,7 +37,7 @@ from nestpy_mini import (
 )
 from nestpy_mini.dev import brokers
 from nestpy_mini.packets import NO_MESSAGE_HANDLER
-from nestpy_mini.patterns import _ROUTE_CACHE, collation_key
+from nestpy_mini.patterns import _ROUTE_CACHE
 from nestpy_mini.transports.rmq import (
     REPLY_QUEUE,
     RMQ_NO_EVENT_HANDLER,
@@ -407,7 +407,6 @@ async def test_huge_patterns_from_the_queue_are_screened_before_routing(
     channel = await (await rmq.connection()).channel()
     replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
     await (await channel.get_queue(REPLY_QUEUE, ensure=False)).consume(replies.put, no_ack=True)
-    cached_keys = collation_key.cache_info().currsize
     loop = asyncio.get_running_loop()
     stall = [0.0]
 
@@ -435,7 +434,6 @@ async def test_huge_patterns_from_the_queue_are_screened_before_routing(
     finally:
         watcher.cancel()
     assert stall[0] < 0.15, f"the loop was held for {stall[0]:.2f} s"
-    assert collation_key.cache_info().currsize - cached_keys < 5
     assert all(len(str(key)) < 2000 for key in _ROUTE_CACHE)
     assert max(len(r.getMessage()) for r in caplog.records) < 1000  # patterns are cut short
 
