@@ -6,7 +6,7 @@ Run it from a terminal, from this folder or the repository root:
 
 then call it from another terminal:
 
-    python -m nestpy_mini send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
+    python -m nestpy_mini.dev send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
 """
 
 from __future__ import annotations

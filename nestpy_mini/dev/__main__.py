@@ -1,5 +1,6 @@
 """The dev tools, from a terminal.
 
+    python -m nestpy_mini.dev send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'   # also emit, serve
     python -m nestpy_mini.dev broker redis       # a broker from pip, on its default port
     python -m nestpy_mini.dev bench --help       # nestpy_mini against NestJS
     python -m nestpy_mini.dev fuzz --help        # hostile input against a TCP service
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
     if command == "broker":
         return broker(rest)
+    if command in ("serve", "send", "emit"):
+        from .cli import main as cli
+
+        return cli(argv)
     if command == "bench":
         from .bench import main as bench
 

@@ -27,8 +27,8 @@ from nestpy_mini import (
     NestFactory,
     Transport,
 )
-from nestpy_mini.__main__ import _options as cli_options
 from nestpy_mini.dev import brokers
+from nestpy_mini.dev.cli import _options as cli_options
 from nestpy_mini.transports import load
 from nestpy_mini.transports.tcp import DEFAULT_HOST, TcpClient, TcpServer
 

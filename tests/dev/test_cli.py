@@ -20,7 +20,7 @@ def free_port() -> int:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nestpy_mini", *args],
+        [sys.executable, "-m", "nestpy_mini.dev", *args],
         capture_output=True,
         text=True,
         timeout=20,
@@ -67,7 +67,7 @@ def test_a_broker_transport_is_addressed_by_its_url_never_by_the_tcp_port(
     address), not to port 3000, the TCP default; ``--port`` there is an error, not a guess."""
     url = broker_url("redis")
     service = subprocess.Popen(
-        [sys.executable, "-m", "nestpy_mini", "serve", "--transport", "redis", "--url", url,
+        [sys.executable, "-m", "nestpy_mini.dev", "serve", "--transport", "redis", "--url", url,
          "notebooks.math_service:AppModule"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -77,7 +77,7 @@ def test_a_broker_transport_is_addressed_by_its_url_never_by_the_tcp_port(
         env = {**os.environ, "REDIS_URL": url}
         args = ("send", "--transport", "redis", '{"cmd": "sum"}', "[1, 2, 3]")
         result = subprocess.run(
-            [sys.executable, "-m", "nestpy_mini", *args],
+            [sys.executable, "-m", "nestpy_mini.dev", *args],
             capture_output=True, text=True, timeout=20, cwd=ROOT, env=env,
         )  # fmt: skip
         assert (result.returncode, result.stdout, result.stderr) == (0, "6\n", "")

@@ -1,8 +1,8 @@
-"""Command line: serve a module, or send a request / emit an event to a service.
+"""A service's command line: serve a module, or send a request / emit an event to one.
 
-python -m nestpy_mini serve notebooks.math_service:AppModule --port 3001
-python -m nestpy_mini send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
-python -m nestpy_mini emit --transport redis user_created '{"userId": "42"}'
+python -m nestpy_mini.dev serve notebooks.math_service:AppModule --port 3001
+python -m nestpy_mini.dev send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
+python -m nestpy_mini.dev emit --transport redis user_created '{"userId": "42"}'
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import sys
 from typing import Any
 
-from . import ClientProxyFactory, NestFactory, RpcError, Transport
-from .transports.tcp import DEFAULT_HOST, DEFAULT_PORT
+from .. import ClientProxyFactory, NestFactory, RpcError, Transport
+from ..transports.tcp import DEFAULT_HOST, DEFAULT_PORT
 
 # The option that names a broker transport's brokers, as Nest names it (Kafka's is in "client").
 _URL_OPTION = {"redis": "url", "nats": "servers", "mqtt": "url", "rmq": "urls", "kafka": "brokers"}
@@ -70,7 +70,8 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("python -m nestpy_mini", description=__doc__.split("\n")[0])
+    description = __doc__.split("\n")[0]
+    parser = argparse.ArgumentParser("python -m nestpy_mini.dev", description=description)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--transport", default="tcp", choices=[t.name.lower() for t in Transport])
     common.add_argument("--host", help=f"TCP only (default {DEFAULT_HOST})")
