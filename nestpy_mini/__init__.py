@@ -1,7 +1,7 @@
 """nestpy-mini: NestJS-style microservices for asyncio, on NestJS's own wire protocols.
 
-The public API is everything in ``__all__``; the rest is internal.  Nothing
-here starts a process: brokers and tools live in ``nestpy_mini.dev``.
+The public API is everything in ``__all__``; the rest is internal.  Nothing here starts a
+process: brokers and tools live in ``nestpy_mini.dev``.
 """
 
 from .app import ClientProxyFactory, ClientsModule, NestApplication, NestFactory, NestMicroservice

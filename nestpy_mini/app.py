@@ -1,8 +1,8 @@
 """NestFactory, the applications it returns, and the clients that ``ClientsModule`` provides.
 
-``start()`` is Nest's ``listen()``: it returns once the server is ready.  ``listen()`` here
-also waits until the app is closed, as a script's last line wants; ``start()`` and
-``close()`` are the pair for code already inside an event loop, such as a notebook cell.
+``start()`` is Nest's ``listen()``: it returns once the server is ready.  ``listen()`` here also
+waits until the app is closed, as a script's last line wants; ``start()`` and ``close()`` are
+the pair for code already inside an event loop, such as a notebook cell.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class NestMicroservice:
         self._signal_close: asyncio.Future[None] | None = None
 
     def get(self, token: Any) -> Any:
-        """The instance the container built for ``token``."""
         return self.container.get(token)
 
     async def _hooks(self, *names: str) -> None:
@@ -93,10 +92,9 @@ class NestMicroservice:
         await self._closed.wait()
 
     async def close(self) -> None:
-        """Stop accepting, let running handlers finish (within ``close_grace``), then run the
-        shutdown hooks, which close the clients.  A second close (a signal during an explicit
-        one, say) waits for the first rather than run them under handlers still running.
-        The first closes inline, not in a task: the transport stops accepting in this call."""
+        """Stop accepting (in this call, not in a task), let running handlers finish within
+        ``close_grace``, then run the shutdown hooks, which close the clients.  A second close
+        (a signal during an explicit one) waits for the first."""
         if self._closing:
             await self._closed.wait()
             return

@@ -1,7 +1,6 @@
 """Module, Controller, Injectable, MessagePattern, EventPattern and the ``Annotated`` markers.
 
-They only record metadata in plain attributes, which ``injector.py`` and ``app.py`` read:
-no metaclass, nothing wrapped.
+Metadata only, in plain attributes that ``injector.py`` and ``app.py`` read: nothing wrapped.
 """
 
 from __future__ import annotations

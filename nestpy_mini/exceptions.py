@@ -13,9 +13,8 @@ def _message(error: Any, default: str) -> str:
 
 
 class RpcException(Exception):
-    """Raise in a handler to send ``error`` to the caller: a string arrives as
-    ``{"status": "error", "message": error}``, a dict unchanged, as in Nest's
-    ``BaseRpcExceptionFilter``."""
+    """Raise in a handler to send ``error`` to the caller: a string arrives as ``{"status":
+    "error", "message": error}``, a dict unchanged, as in Nest's ``BaseRpcExceptionFilter``."""
 
     def __init__(self, error: str | dict[str, Any]) -> None:
         self.error = error
@@ -26,8 +25,8 @@ class RpcException(Exception):
 
 
 class RpcError(Exception):
-    """What a caller gets when the remote handler failed: ``error`` is the reply's
-    ``err`` unchanged, so code written against a NestJS service reads the same fields."""
+    """What a caller gets when the remote handler failed: ``error`` is the reply's ``err``
+    unchanged, so code written against a NestJS service reads the same fields."""
 
     def __init__(self, error: Any) -> None:
         self.error = error

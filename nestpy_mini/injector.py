@@ -2,7 +2,7 @@
 
 Scoping follows Nest: a class sees the providers of its own module, the exports of the modules
 that module imports, and global modules.  Every wiring mistake is found while building, before
-anything listens, and the error names the class and the parameter that could not be satisfied.
+anything listens, naming the class and the parameter that could not be satisfied.
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ class ModuleRef:
         self.exported: dict[Any, ModuleRef] = {}  # token -> the module that provides it
         self.instances: dict[Any, Any] = {}
 
-    def exported_tokens(self, seen: set[int] | None = None) -> Iterator[tuple[Any, ModuleRef]]:
+    def exported_tokens(self, seen: set[int]) -> Iterator[tuple[Any, ModuleRef]]:
         """Tokens this module shares, with the module that provides each; exporting an imported
-        module shares what that module exports."""
-        seen = seen if seen is not None else set()
+        module shares what that module exports.  ``seen``: modules already walked."""
         if id(self) in seen:
             return
         seen.add(id(self))
@@ -78,7 +77,7 @@ class Container:
         self.controllers: list[Any] = []
         self._resolving: list[str] = []
         for mod in self.modules:
-            mod.exported = dict(mod.exported_tokens())
+            mod.exported = dict(mod.exported_tokens(set()))
 
     def _add_module(self, spec: Any, importer: str | None) -> ModuleRef:
         known = next((m for m in self.modules if m.key is spec), None)

@@ -1,9 +1,8 @@
 """Nest's wire rules, once: envelope keys, error texts, JSON, and JavaScript's number text.
 
-A request is ``{"pattern", "data", "id"}``, an event the same without ``id``,
-a reply ``{"response", "isDisposed", "id"}`` or ``{"err", ...}``.  What a
-NestJS peer would do with a packet is decided here, so that all six
-transports decide it alike.
+A request is ``{"pattern", "data", "id"}``, an event the same without ``id``, a reply
+``{"response", "isDisposed", "id"}`` or ``{"err", ...}``.  What a NestJS peer would do with a
+packet is decided here, so that all six transports decide it alike.
 """
 
 from __future__ import annotations
@@ -22,24 +21,21 @@ UNKNOWN_EXCEPTION_MESSAGE = "Internal server error"
 INTERNAL_ERROR = {"status": "error", "message": UNKNOWN_EXCEPTION_MESSAGE}
 # Nest's EmptyResponseException: a request that no subscriber can answer.
 EMPTY_RESPONSE = 'Empty response. There are no subscribers listening to that message ("{}")'
-# What a caller gets when close() cancelled its handler past the grace.
-# Without it a broker caller would wait out its whole timeout.
+# When close() cancels a handler past the grace: else a broker caller waits out its timeout.
 SHUTDOWN_ERROR = {
     "status": "error",
     "message": "The server is shutting down: the handler did not finish within its close grace",
 }
 
-# The only keys a Nest reply carries (IncomingResponseDeserializer); a reply
-# with any other key is a foreign payload, delivered whole as the response.
+# The only keys a Nest reply carries (IncomingResponseDeserializer); a reply with any other
+# key is a foreign payload, delivered whole as the response.
 ENVELOPE_KEYS = frozenset({"id", "err", "response", "isDisposed", "status"})
 
 
 # --- JSON, as JSON.stringify writes it and JSON.parse reads it --------------
-
-
 def _not_json(name: str) -> Any:
-    # Python's parser takes NaN and Infinity; JSON.parse refuses them, so a
-    # NestJS peer would drop such a message, and so do we.
+    # Python's parser takes NaN and Infinity; JSON.parse refuses them, so a NestJS peer
+    # would drop such a message, and so do we.
     raise ValueError(f"{name} is not JSON")
 
 
@@ -61,10 +57,10 @@ def loads(text: str | bytes | bytearray) -> Any:
 
 
 def _install_fast_codec() -> None:
-    """The fast path: the C encoder built once (``encode`` builds it per call),
-    and the scanner called without ``decode``'s regular expressions.  Measured
-    on a 90-byte request and its reply, Python 3.11: loads 1.34 -> 0.97 µs,
-    dumps 1.56 -> 0.74 µs, a tenth of what a TCP request costs each side."""
+    """The fast path: the C encoder built once (``encode`` builds it per call), and the scanner
+    called without ``decode``'s regular expressions.  Measured on a 90-byte request and its
+    reply, Python 3.11: loads 1.34 -> 0.97 µs, dumps 1.56 -> 0.74 µs, a tenth of what a TCP
+    request costs each side."""
     global dumps, loads
     from json.encoder import c_make_encoder, encode_basestring
 
@@ -97,11 +93,10 @@ _install_fast_codec()
 def js_number(value: int | float) -> str:
     """``String(n)`` for a number that arrived through ``JSON.parse``.
 
-    Both languages print the shortest digits that read back the same double,
-    but place the point differently: JavaScript writes ``0.00001``, ``1e-7``
-    and ``Infinity`` where Python writes ``1e-05``, ``1e-07`` and ``inf``.
-    Integers past 2**53 are rounded to a double first, as ``JSON.parse`` does.
-    """
+    Both languages print the shortest digits that read back the same double, but place the
+    point differently: JavaScript writes ``0.00001``, ``1e-7`` and ``Infinity`` where Python
+    writes ``1e-05``, ``1e-07`` and ``inf``.  Integers past 2**53 are rounded to a double
+    first, as ``JSON.parse`` does."""
     if type(value) is int and abs(value) < 2**53:
         return str(value)
     if value < 0:
@@ -121,9 +116,8 @@ def js_number(value: int | float) -> str:
 
 
 # --- incoming requests and events ------------------------------------------
-
-# An id nested this deep is refused: far past any real id, and still half
-# the encoder's recursion limit away wherever a reply is written.
+# An id nested this deep is refused: far past any real id, and still half the encoder's
+# recursion limit away wherever a reply is written.
 MAX_ID_DEPTH = 500
 
 
@@ -138,11 +132,11 @@ class Incoming(NamedTuple):
 
 
 def read_incoming(packet: Any, channel: str | None) -> Incoming | str:
-    """Sort a decoded message as Nest's ``IncomingRequestDeserializer`` does: the
-    message, or a reason to drop it.  A payload that is not a Nest packet (no
-    ``pattern``, no ``data``: a sensor's own JSON) is an event on ``channel`` with
-    the whole payload as data; without a channel (TCP, RabbitMQ) it keeps what it
-    has.  Only a missing ``id`` makes an event: ``"id": null`` is a request."""
+    """Sort a decoded message as Nest's ``IncomingRequestDeserializer`` does: the message, or
+    a reason to drop it.  A payload that is not a Nest packet (no ``pattern``, no ``data``: a
+    sensor's own JSON) is an event on ``channel`` with the whole payload as data; without a
+    channel (TCP, RabbitMQ) it keeps what it has.  Only a missing ``id`` makes an event:
+    ``"id": null`` is a request."""
     foreign = type(packet) is not dict or ("pattern" not in packet and "data" not in packet)
     if foreign and channel is not None:
         return Incoming(channel, packet, None, False)
@@ -158,9 +152,9 @@ def read_incoming(packet: Any, channel: str | None) -> Incoming | str:
 
 
 def writable_id(msg_id: Any) -> bool:
-    """Whether a request id can be echoed in a reply, as Nest echoes any id: not
-    when it holds a number past a double's range (``1e999`` parses as infinity,
-    which JSON cannot hold) or nests deeper than ``MAX_ID_DEPTH``."""
+    """Whether a request id can be echoed in a reply, as Nest echoes any id: not when it holds
+    a number past a double's range (``1e999`` parses as infinity, which JSON cannot hold) or
+    nests deeper than ``MAX_ID_DEPTH``."""
     if type(msg_id) is float:
         return math.isfinite(msg_id)
     stack = [(msg_id, 0)] if type(msg_id) in (dict, list) else []
@@ -178,11 +172,9 @@ def writable_id(msg_id: Any) -> bool:
 
 
 # --- replies: Nest's keys in Nest's order, so NestJS clients read them unchanged
-
-
 def final(value: Any, msg_id: Any) -> dict[str, Any]:
-    """The last reply packet.  ``None`` leaves ``response`` out, as Nest does for
-    ``undefined``: a Nest client would otherwise emit an extra ``null``."""
+    """The last reply packet.  ``None`` leaves ``response`` out, as Nest does for ``undefined``:
+    a Nest client would otherwise emit an extra ``null``."""
     if value is None:
         return {"isDisposed": True, "id": msg_id}
     return {"response": value, "isDisposed": True, "id": msg_id}
@@ -199,10 +191,10 @@ def no_handler(msg_id: Any) -> dict[str, Any]:
 def read_reply(packet: Any, msg_id: str | None = None) -> dict[str, Any] | None:
     """A decoded reply as a client applies it; None when it is not for us.
 
-    A payload with keys outside the envelope is foreign and becomes the response,
-    as Nest's ``IncomingResponseDeserializer`` reads it.  ``msg_id`` is the id read
-    beside the body (NATS's reply subject, RabbitMQ's correlation id); a body naming
-    another is dropped, as in Nest.  Our ids are strings: no other id is ours."""
+    A payload with keys outside the envelope is foreign and becomes the response, as Nest's
+    ``IncomingResponseDeserializer`` reads it.  ``msg_id`` is the id read beside the body
+    (NATS's reply subject, RabbitMQ's correlation id); a body naming another is dropped, as in
+    Nest.  Our ids are strings: no other id is ours."""
     found = packet.get("id") if type(packet) is dict else None
     if type(packet) is not dict or not packet or not packet.keys() <= ENVELOPE_KEYS:
         ident = msg_id or found

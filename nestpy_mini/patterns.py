@@ -1,9 +1,9 @@
 """Patterns and routes, exactly as Nest's ``transformPatternToRoute`` makes them.
 
 A pattern such as ``{"cmd": "sum"}`` is matched as a *route*, a string built as
-``@nestjs/microservices`` builds it, so that packets from NestJS clients find their
-handlers.  Keys sort by JavaScript's ``localeCompare`` (ICU collation), not by code
-point, which matters as soon as keys mix case, digits and underscores.
+``@nestjs/microservices`` builds it, so that packets from NestJS clients find their handlers.
+Keys sort by JavaScript's ``localeCompare`` (ICU collation), not by code point, which matters
+as soon as keys mix case, digits and underscores.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from .packets import dumps, js_number, loads
 MAX_DEPTH = 5
 MAX_KEYS = 20
 
-# Printable ASCII in the order Node's default collator (ICU root, en-US) sorts
-# it, case folded.  Read off `node -e` with `localeCompare`; see tests.
+# Printable ASCII in the order Node's default collator (ICU root, en-US) sorts it, case
+# folded.  Read off `node -e` with `localeCompare`; see tests.
 _ICU_ASCII_ORDER = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789abcdefghijklmnopqrstuvwxyz"
 _PRIMARY = {c: i for i, c in enumerate(_ICU_ASCII_ORDER)}
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
@@ -37,10 +37,9 @@ _ASCII_LEVELS = {chr(code): _char_levels(chr(code)) for code in range(128)}
 def collation_key(key: Any) -> tuple[tuple[int, ...], ...]:
     """A sort key that orders strings as ``a.localeCompare(b)`` does in Node.
 
-    ICU compares whole strings level by level: base letters first, then
-    accents, then case.  Exact for ASCII, which is what real patterns use;
-    other letters sort by their base form, then code point.
-    """
+    ICU compares whole strings level by level: base letters first, then accents, then case.
+    Exact for ASCII, which is what real patterns use; other letters sort by their base form,
+    then code point."""
     levels = [_ASCII_LEVELS.get(ch) or _char_levels(ch) for ch in str(key)]
     return tuple(zip(*levels, strict=True))
 
@@ -71,24 +70,20 @@ def _normalize(pattern: Any, depth: int = 0) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-# The fast path of routing and of every client send: routes of recent patterns.
-# Measured (Python 3.11, {"cmd": "sum"}): 0.2 µs a hit, 2.6 µs to normalize,
-# which sorts keys by collation at Python speed.  Bounded, as peers can send
-# endless new patterns, and only short routes: 1,024 megabyte patterns would pin
-# gigabytes.  A dict's items are its key; with the items' types as well unless
-# all are strings, as 1 == 1.0 == True would make routes collide.
+# The fast path of routing and of every client send: routes of recent patterns.  Measured
+# (Python 3.11, {"cmd": "sum"}): 0.2 µs a hit, 2.6 µs to normalize, which sorts keys by
+# collation at Python speed.  Bounded, as peers can send endless new patterns, and only short
+# routes: 1,024 megabyte patterns would pin gigabytes.  A dict's items are its key; with the
+# items' types as well unless all are strings, as 1 == 1.0 == True would make routes collide.
 _ROUTE_CACHE: dict[Any, str] = {}
 _ROUTE_CACHE_SIZE = 1024
 _CACHED_ROUTE_CHARS = 1024  # real routes are far shorter
 
 
 def route_of_incoming(pattern: Any) -> str:
-    """The route of a pattern that arrived on the wire.
-
-    Nest clients send object patterns raw over TCP but as strings in events
-    and on brokers; a string that parses as JSON is normalized again, exactly
-    as ``Server#getRouteFromPattern`` does.
-    """
+    """The route of a pattern that arrived on the wire.  Nest clients send object patterns
+    raw over TCP but as strings in events and on brokers; a string that parses as JSON is
+    normalized again, exactly as ``Server#getRouteFromPattern`` does."""
     kind = type(pattern)
     if kind is str and pattern[:1] != "{":
         return pattern
@@ -110,8 +105,8 @@ def route_of_incoming(pattern: Any) -> str:
         route = _normalize(loads(pattern) if kind is str else pattern)
     except (ValueError, RecursionError):  # a string that is not JSON: matched as it is
         route = pattern
-    # A route holds every key and string value of its pattern, so its length
-    # bounds a dict's items too; a string pattern may be longer than its route.
+    # A route holds every key and string value of its pattern, so its length bounds a dict's
+    # items too; a string pattern may be longer than its route.
     if len(route) <= _CACHED_ROUTE_CHARS and len(key) <= _CACHED_ROUTE_CHARS:
         if len(_ROUTE_CACHE) >= _ROUTE_CACHE_SIZE:
             _ROUTE_CACHE.clear()
@@ -120,13 +115,12 @@ def route_of_incoming(pattern: Any) -> str:
 
 
 def screened_route(pattern: Any, budget: int) -> str | None:
-    """The route of an untrusted pattern, or None when it can match no route of at
-    most ``budget`` characters (the longest route served).
+    """The route of an untrusted pattern, or None when it can match no route of at most
+    ``budget`` characters (the longest route served).
 
-    Routing costs Python-speed work per character of a pattern's keys: megabyte
-    keys stalled the loop for seconds.  A route contains every key and string of
-    its pattern, so a pattern that costs more matches none, and is not routed.
-    """
+    Routing costs Python-speed work per character of a pattern's keys: megabyte keys stalled
+    the loop for seconds.  A route contains every key and string of its pattern, so a pattern
+    that costs more matches none, and is not routed."""
     if type(pattern) is str and pattern[:1] == "{" and len(pattern) > budget:
         try:  # routed parsed: the cache must not keep the long text
             pattern = loads(pattern)
@@ -138,10 +132,8 @@ def screened_route(pattern: Any, budget: int) -> str | None:
 
 
 def _route_cost(pattern: Any, budget: int) -> int:
-    """What routing ``pattern`` costs, in characters; counting stops past ``budget``.
-    Each key and string that normalizing reaches ends up in the route, so their
-    total is a lower bound on its length.  A list counts its length too: it is
-    converted item by item before any limit applies."""
+    """A lower bound on the length of ``pattern``'s route, counted until past ``budget``.  A
+    list counts its length too: it is converted item by item before any limit applies."""
     total = 0
     stack = [(pattern, 0)]
     while stack and total <= budget:

@@ -31,8 +31,7 @@ class Transport(IntEnum):
 
 # The transports built; each module, and the extra that brings its broker library,
 # have the transport's lower-case name.
-_BUILT = (Transport.TCP, Transport.REDIS, Transport.NATS, Transport.MQTT, Transport.RMQ)
-_BUILT += (Transport.KAFKA,)
+_BUILT = tuple(transport for transport in Transport if transport is not Transport.GRPC)
 
 ENV = {"redis": "REDIS_URL", "nats": "NATS_URL", "mqtt": "MQTT_URL", "rmq": "AMQP_URL"}
 ENV["kafka"] = "KAFKA_BROKERS"
@@ -68,11 +67,8 @@ def load(transport: Transport | int) -> ModuleType:
 
 
 def broker_urls(kind: str, given: Any) -> list[str]:
-    """The broker addresses a transport uses: those given, else the env URL, else Nest's default.
-
-    Read when connecting, never at construction, so that building a module
-    does not depend on the environment of the moment.
-    """
+    """The broker addresses a transport uses: those given, else the env URL, else Nest's
+    default.  Read when connecting, so that building a module does not read the env."""
     if not given:
         given = os.environ.get(ENV[kind]) or DEFAULT_URL[kind]
     if isinstance(given, str):  # Kafka lists its brokers as "host:port,host:port"

@@ -1,19 +1,18 @@
 """What every broker transport shares, so that each broker's file holds only its wire.
 
-* **Where the broker is.**  The URL in the options, else the env URL, else
-  Nest's default address (``broker_urls``).  Two processes with default
-  options therefore meet, and where nothing answers both fail at once, saying
-  how to get a broker.  The framework never starts one: ``nestpy_mini.dev`` does.
-* **Bounded waits.**  Connecting, subscribing and closing each have a bound.
-* **Reconnecting.**  One backoff policy (``Reconnect``, for Redis and MQTT,
+* **Where the broker is**: the options' URL, else the env URL, else Nest's default
+  address (``broker_urls``), so that two processes with defaults meet, or both fail at
+  once saying how to get a broker.  The framework never starts one: ``nestpy_mini.dev`` does.
+* **Bounded waits** for connecting, subscribing and closing.
+* **Reconnecting**: one backoff policy (``BrokerServer._reconnect``, for Redis and MQTT,
   whose libraries do not reconnect) and the same two log lines everywhere.
-* **Reading and replying.**  A message is sorted by ``packets.read_incoming``
-  and routed by ``Server.route``; a reply is written through ``Reply``.
+* **Reading and replying**: ``BrokerServer.read`` sorts a message, ``Reply`` writes replies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -66,72 +65,13 @@ def log_back(log: logging.Logger, where: str, attempts: int | None = None) -> No
     log.info("back on %s%s; subscriptions restored", where, after)
 
 
-class Reconnect:
-    """Brings a lost connection back, with the one backoff policy of every transport.
-
-    ``connect`` makes a new connection and subscribes everything again, or
-    raises.  Attempts start ``FIRST_RETRY_DELAY`` apart and double up to
-    ``cap`` seconds; ``attempts`` bounds their number (None: until closed).
-    One line is logged when the connection is lost and one when it is back.
-    """
-
-    def __init__(
-        self,
-        connect: Callable[[], Awaitable[Any]],
-        log: logging.Logger,
-        where: Callable[[], str],
-        cap: float,
-        attempts: Any = None,
-    ) -> None:
-        self._connect, self._log, self._where = connect, log, where
-        self.cap, self.attempts = cap, None if attempts is None else int(attempts)
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def start(self, cause: BaseException | None) -> None:
-        if self.cap <= 0:  # mqtt.js's reconnectPeriod 0: never reconnect
-            self._log.error("lost %s (%s); not reconnecting", self._where(), cause or "closed")
-        elif not self.running:
-            log_lost(self._log, self._where(), cause)
-            self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        delay, attempt = FIRST_RETRY_DELAY, 0
-        while True:
-            attempt += 1
-            await asyncio.sleep(delay)
-            try:
-                await self._connect()
-            except Exception as exc:
-                if self.attempts is not None and attempt >= self.attempts:
-                    self._log.error(
-                        "gave up reconnecting to %s after %d attempts (%s)",
-                        self._where(), attempt, exc,
-                    )
-                    return
-                delay = min(delay * 2, self.cap)
-                continue
-            log_back(self._log, self._where(), attempt)
-            return
-
-    async def cancel(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-
-
 class Reply:
     """Writes the reply packets of one request to where its transport sends them.
 
-    The packet is encoded when the server base calls it, so that a value JSON
-    cannot hold raises there, and the base answers with an error instead.
-    With ``hold`` the packets made while a synchronous handler runs are kept,
-    and the transport writes them after dispatch with ``flush()`` (no task
-    per reply, which is most replies); later ones are written as they come.
+    A packet is encoded when the server base calls this, so that a value JSON
+    cannot hold raises there and the base answers with an error instead.  With
+    ``hold``, the packets a synchronous handler makes are kept for ``flush()``
+    after dispatch (no task per reply, which is most replies); later ones go at once.
     """
 
     __slots__ = ("held", "send")
@@ -163,9 +103,9 @@ class BrokerServer(Server):
 
     A transport sets ``kind``, implements ``_open`` (connect and subscribe;
     an unreachable broker raises ``OSError``, ``ConnectionError`` included),
-    ``_stop_taking`` (stop consuming, so that draining ends) and
-    ``_shutdown`` (disconnect), and feeds every message to ``read``, then to
-    ``dispatch`` with its route.
+    ``_stop_taking`` (stop consuming, so that draining ends) and ``_shutdown``
+    (disconnect), feeds every message to ``read``, then to ``dispatch`` with
+    its route, and calls ``_lost`` if its library does not reconnect by itself.
     """
 
     kind = ""
@@ -179,14 +119,17 @@ class BrokerServer(Server):
         self.urls: list[str] = []
         self._open_now = False
         cap, default, attempts = self.retry_options
-        cap_seconds = float(self.options.get(cap, default))
-        # For libraries that do not reconnect by themselves: _open again, backing off.
-        self.reconnect = Reconnect(
-            self._open, self.logger, self.describe, cap_seconds, self.options.get(attempts)
-        )
+        self.retry_cap = float(self.options.get(cap, default))
+        tries = self.options.get(attempts)
+        self.retry_attempts = None if tries is None else int(tries)  # None: until closed
+        self._reconnecting: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         return describe(self.kind, self.urls)
+
+    @property
+    def reconnecting(self) -> bool:
+        return self._reconnecting is not None and not self._reconnecting.done()
 
     async def listen(self) -> None:
         """Connect and subscribe every handler; return once the broker holds them all."""
@@ -203,14 +146,17 @@ class BrokerServer(Server):
             raise
         self._open_now = True
         if self._lost_early is not None:  # lost between subscribing and here
-            self.reconnect.start(self._lost_early)
+            self._lost(self._lost_early)
 
     async def close(self) -> None:
         """Stop taking messages, let running handlers reply, then disconnect."""
         if not self._open_now:
             return
         self._open_now = False
-        await self.reconnect.cancel()
+        task, self._reconnecting = self._reconnecting, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
         await self._stop_taking()
         await self.drain()
         await self._shutdown()
@@ -218,18 +164,39 @@ class BrokerServer(Server):
     async def _open(self) -> None:
         raise NotImplementedError
 
-    def _lost(self, cause: BaseException | None) -> None:
-        """The connection to the broker is gone: reconnect, unless closing."""
-        if self._open_now:
-            self.reconnect.start(cause)
-        else:
-            self._lost_early = cause or ConnectionError("closed")
-
     async def _stop_taking(self) -> None:
         raise NotImplementedError
 
     async def _shutdown(self) -> None:
         raise NotImplementedError
+
+    def _lost(self, cause: BaseException | None) -> None:
+        """The connection to the broker is gone: reconnect, unless closing."""
+        if not self._open_now:
+            self._lost_early = cause or ConnectionError("closed")
+        elif self.retry_cap <= 0:  # mqtt.js's reconnectPeriod 0: never reconnect
+            self.logger.error("lost %s (%s); not reconnecting", self.describe(), cause or "closed")
+        elif not self.reconnecting:
+            log_lost(self.logger, self.describe(), cause)
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """``_open`` again until it succeeds: attempts start ``FIRST_RETRY_DELAY``
+        apart and double up to ``retry_cap`` s; ``retry_attempts`` bounds their number."""
+        delay = FIRST_RETRY_DELAY
+        for attempt in itertools.count(1):
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+            except Exception as exc:
+                if self.retry_attempts is not None and attempt >= self.retry_attempts:
+                    gave_up = "gave up reconnecting to %s after %d attempts (%s)"
+                    self.logger.error(gave_up, self.describe(), attempt, exc)
+                    return
+                delay = min(delay * 2, self.retry_cap)
+            else:
+                log_back(self.logger, self.describe(), attempt)
+                return
 
     def read(self, body: bytes, channel: str | None = None) -> Incoming | None:
         """One message's packet, or None (logged) when it must be dropped."""
@@ -281,9 +248,8 @@ class BrokerClient(ClientProxy):
         self._on_reply(packet, msg_id)
 
     async def _unless_done(self, msg_id: str, step: Awaitable[Any]) -> bool:
-        """Await ``step`` (a subscription, a confirmation), unless the request ends
-        first (its timeout, a lost connection): then False, and the request
-        raises its own error."""
+        """Await ``step`` (a subscription, a confirmation) unless the request ends first
+        (timed out, connection lost): then False, and the request raises its own error."""
         call = self._routing.get(msg_id)
         task = asyncio.ensure_future(step)
         if call is None:
@@ -301,15 +267,14 @@ class Subscriptions:
     """Reply channels, each subscribed once, before the first request that needs it.
 
     A reply published before the broker confirms the subscription would be
-    lost, so the first request on a pattern waits for ``ensure``; concurrent
-    first requests share one SUBSCRIBE.  After a reconnect the transport
-    subscribes ``names`` again and marks them ready.
+    lost, so the first request on a channel waits for ``ensure``; concurrent
+    first requests share one SUBSCRIBE.  Once the connection is lost, nothing
+    is ready, and the next request on each channel subscribes it again.
     """
 
     def __init__(self, subscribe: Callable[[str], Awaitable[None]]) -> None:
         self._subscribe = subscribe
         self.ready: set[str] = set()
-        self.names: dict[str, None] = {}  # every channel ever used, in order
         self._pending: dict[str, asyncio.Future[None]] = {}
 
     async def ensure(self, name: str) -> None:
@@ -324,16 +289,13 @@ class Subscriptions:
         if self._pending.get(name) is future:
             del self._pending[name]
         if not future.cancelled() and future.exception() is None:
-            self.names[name] = None
             self.ready.add(name)
 
     def lost(self) -> None:
-        """The connection is gone: nothing is subscribed until the transport says so."""
+        """The connection is gone: nothing is subscribed on the next one."""
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
         self.ready.clear()
 
-    def clear(self) -> None:
-        self.lost()
-        self.names.clear()
+    clear = lost  # for a new connection

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..packets import dumps, loads
+from ..server import LARGE_MESSAGE
 
 # Nest 12's limits: frame size in characters, the idle time allowed inside a
 # half-received frame, what may queue for a peer that does not read.
@@ -24,9 +25,6 @@ DEFAULT_MAX_BUFFER_SIZE = 128 * 1024 * 1024
 DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT = 30.0
 DEFAULT_MAX_SEND_BUFFER_SIZE = 128 * 1024 * 1024
 _MAX_PREFIX_DIGITS = 12
-# Frames longer than this (UTF-16 units) are flagged by the decoder so the
-# server can screen their patterns; shorter ones cannot carry a costly one.
-LARGE_FRAME = 256
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 _STRICT, _LENIENT = 1, 2  # how a non-ASCII frame is being scanned (0: not at all)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -46,9 +44,8 @@ def encode_frame(message: Any) -> bytes:
     try:
         body = text.encode()
     except UnicodeEncodeError:
-        # A lone surrogate (a string that arrived as "\ud800", say) has no
-        # UTF-8 form; JSON.stringify writes it as a \u escape, and so do we.
-        # Only this failure pays for the search.
+        # A lone surrogate (a string that arrived as "\ud800", say) has no UTF-8 form:
+        # JSON.stringify writes it as a \u escape, and so do we.  Only this pays the search.
         text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
         body = text.encode()
     units = len(text.encode("utf-16-le", "surrogatepass")) // 2
@@ -72,10 +69,10 @@ class FrameDecoder:
         self._buf = bytearray()
         self._length: int | None = None
         self.max_size = max_size
-        self.saw_large_frame = False  # the last feed() completed a frame over LARGE_FRAME
+        self.saw_large_frame = False  # the last feed() completed a frame over LARGE_MESSAGE
         self._broken: str | None = None
         self._mode = self._seen = self._done = self._units = 0  # progress of _scan
-        self._utf8: codecs.IncrementalDecoder | None = None
+        self._utf8: codecs.IncrementalDecoder = _Utf8Decoder()
 
     @property
     def has_partial(self) -> bool:
@@ -108,27 +105,20 @@ class FrameDecoder:
                         raise FrameError(f"frame length {length} exceeds the limit of {limit}")
                     self._length = length
                     pos = hash_at + 1
-                elif self._mode:
-                    # Only a frame carried over from an earlier read gets here:
-                    # a non-ASCII one resumes its scan where that read stopped.
-                    found = self._scan(buf, pos, length)
-                    if found is None:
-                        break
-                    body, end = found
-                if body is None:
+                if not self._mode:  # not seen to be non-ASCII by an earlier read
                     end = pos + length
                     if end > len(buf):  # a unit takes a byte at least: not all here yet
                         break
                     chunk = buf[pos:end]
                     if chunk.isascii():  # one byte, one unit: the common case
                         body = chunk.decode("ascii")
-                    else:
-                        found = self._scan(buf, pos, length)
-                        if found is None:
-                            break
-                        body, end = found
+                if body is None:  # scanned, resuming where an earlier read stopped
+                    found = self._scan(buf, pos, length)
+                    if found is None:
+                        break
+                    body, end = found
                 self._length, pos = None, end
-                large = large or length > LARGE_FRAME
+                large = large or length > LARGE_MESSAGE
                 try:
                     out.append(loads(body))
                 except (ValueError, RecursionError) as exc:
@@ -143,22 +133,15 @@ class FrameDecoder:
         return out
 
     def _scan(self, buf: bytearray, pos: int, length: int) -> tuple[str, int] | None:
-        """The text of the non-ASCII frame body at ``pos`` and where it ends,
-        or None while it is incomplete.
-
-        Counts UTF-16 units over the bytes as they come, resuming where the
-        last call stopped.  Bytes that are not UTF-8 count one unit each and
-        become U+FFFD, as Node's decoder makes them.
-        """
+        """The text of the non-ASCII frame body at ``pos`` and where it ends, or None
+        while it is incomplete.  Counts UTF-16 units over the bytes as they come,
+        resuming where the last call stopped; bytes that are not UTF-8 count one unit
+        each and become U+FFFD, as Node's decoder makes them."""
         dec = self._utf8
         if not self._mode:  # a new frame
-            if dec is None:
-                dec = self._utf8 = _Utf8Decoder()
-            else:
-                dec.reset()
+            dec.reset()
             dec.errors = "strict"
-            self._mode = _STRICT
-            self._seen = self._done = self._units = 0
+            self._mode, self._seen, self._done, self._units = _STRICT, 0, 0, 0
         # _seen: bytes given to the decoder; _done: bytes of the text it gave
         # back (it may hold the start of a character); _units: that text's length.
         seen, done, units = self._seen, self._done, self._units
@@ -173,8 +156,7 @@ class FrameDecoder:
             # the frame's start, keeping each bad byte.  Once per frame at most.
             dec.reset()
             dec.errors = "surrogateescape"
-            self._mode = _LENIENT
-            self._seen = self._done = self._units = 0
+            self._mode, self._seen, self._done, self._units = _LENIENT, 0, 0, 0
             return self._scan(buf, pos, length)
         encoded = text.encode("utf-16-le", "surrogatepass")
         count = len(encoded) // 2
@@ -216,8 +198,7 @@ class JsonSocket(asyncio.Protocol):
     itself, for the callers' error; ``gone`` is done once the socket is closed."""
 
     def __init__(self, on_packet: OnPacket, on_lost: OnLost, options: dict[str, Any]) -> None:
-        self._on_packet = on_packet
-        self._on_lost = on_lost
+        self._on_packet, self._on_lost = on_packet, on_lost
         self.decoder = FrameDecoder(int(options.get("max_buffer_size", DEFAULT_MAX_BUFFER_SIZE)))
         stall = options.get("incomplete_message_timeout", DEFAULT_INCOMPLETE_MESSAGE_TIMEOUT)
         self.incomplete_timeout = float(stall)
@@ -258,20 +239,13 @@ class JsonSocket(asyncio.Protocol):
             finally:
                 if not joined:
                     self._flush()
-        if self.decoder.has_partial:
-            self._arm_timer()
-        elif self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _arm_timer(self) -> None:
-        if self.incomplete_timeout <= 0 or self.transport is None:
-            return
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         wait = self.incomplete_timeout
-        why = f"{self.peer} stalled inside a frame for {wait:g} s"
-        self._timer = asyncio.get_running_loop().call_later(wait, self.abort, why)
+        if self.decoder.has_partial and wait > 0 and self.transport is not None:
+            why = f"{self.peer} stalled inside a frame for {wait:g} s"
+            self._timer = asyncio.get_running_loop().call_later(wait, self.abort, why)
 
     def write(self, packet: Any, batch: bool = False) -> None:
         """Send one packet.  ``batch`` defers it to the end of this loop pass,
@@ -330,12 +304,12 @@ class JsonSocket(asyncio.Protocol):
     async def close(self, within: float) -> None:
         """Close once what is buffered is sent, and return once the socket is gone
         (a TLS goodbye takes a round trip); abort what is left after ``within`` s."""
-        if self.transport is None:
+        gone = self.gone
+        if self.transport is None or gone is None:
             return
         self.transport.close()
-        if self.gone is not None:
-            await asyncio.wait([self.gone], timeout=within)
-        if self.gone is None or not self.gone.done():
+        await asyncio.wait([gone], timeout=within)
+        if not gone.done():
             self.transport.abort()
             await asyncio.sleep(0)  # an abort's connection_lost runs on the next pass
 

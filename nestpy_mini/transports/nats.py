@@ -1,20 +1,16 @@
 """NATS: Nest's ``server-nats`` and ``client-nats``, on nats-py.
 
-The server subscribes to every route as a subject (in the handler's queue
-group, else the ``queue`` option) and answers on the request's reply
-subject, without headers, as Nest's ``ServerNats`` does; a request without a
-reply subject is run and not answered.  The client sends ``{"pattern",
-"data", "id"}`` to the normalized subject with a reply subject.  Nest makes
-a fresh inbox and a SUB per request; this client keeps one wildcard inbox
-``<inbox_prefix>.<nuid>.*`` for its lifetime and gives each request the
-reply subject ``<that inbox>.<id>``.  A Nest server only ever answers
-``msg.reply``, so the wire is the same, less a SUB and an UNSUB per request.
-A reply is matched by the id at the end of its subject, the only thing a
-503 no-responders reply carries.  nats-py reconnects by itself and replays
-every subscription.
+The server subscribes to every route as a subject (in the handler's queue group,
+else the ``queue`` option) and answers on the request's reply subject, without
+headers, as Nest's ``ServerNats``; a request without a reply subject is run and not
+answered.  The client sends ``{"pattern", "data", "id"}`` to the normalized subject.
+Nest makes an inbox and a SUB per request; this client keeps one wildcard inbox
+``<inbox_prefix>.<nuid>.*`` and gives each request the reply subject ``<inbox>.<id>``:
+a Nest server only ever answers ``msg.reply``, so the wire is the same, less a SUB
+and an UNSUB per request.  A reply is matched by the id ending its subject, the only
+thing a 503 no-responders reply carries.  nats-py reconnects and replays every SUB.
 
-``import nats`` below is the nats-py package, not this module: imports are
-absolute, and this file is only ever imported as ``nestpy_mini.transports.nats``.
+``import nats`` is nats-py, not this module: imports are absolute.
 """
 
 from __future__ import annotations
@@ -44,13 +40,8 @@ DEFAULT_RECONNECT_TIME_WAIT = 0.5
 # inbox_prefix, pending_size, ping_interval, ...), the way Nest spreads its
 # options into nats.js's connect().  The callbacks and servers are ours.
 _PASSED_THROUGH = frozenset(inspect.signature(NatsConnection.connect).parameters) - {
-    "self",
-    "servers",
-    "error_cb",
-    "disconnected_cb",
-    "closed_cb",
-    "reconnected_cb",
-    "max_reconnect_attempts",
+    "self", "servers", "max_reconnect_attempts",
+    "error_cb", "disconnected_cb", "closed_cb", "reconnected_cb",
 }
 
 
@@ -59,17 +50,16 @@ class NatsContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_subject(self) -> str:
-        """The subject the message was published to."""
+    def get_subject(self) -> str:  # the one published to, even for a wildcard handler
         return self.args[0]
 
-    def get_headers(self) -> dict[str, str] | None:
-        """The message's NATS headers, or None when it had none."""
+    def get_headers(self) -> dict[str, str] | None:  # None when it had none
         return self.args[1]
 
 
 async def _connect(side: NatsServer | NatsClient) -> NatsConnection:
-    """A connected nats-py client for ``side``, which nats-py then reconnects by itself.
+    """A connected nats-py client for ``side``, which nats-py then reconnects by itself,
+    telling ``side._up(False)`` when lost, ``_up(True)`` when back, ``_gave_up()`` at the end.
 
     nats-py uses one ``max_reconnect_attempts`` for the first connect and for
     reconnects, and below 1 it retries the first connect without end.  Against
@@ -95,24 +85,25 @@ async def _connect(side: NatsServer | NatsClient) -> NatsConnection:
         log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %r", side.describe(), exc)
 
     async def disconnected_cb() -> None:
-        if not nc.is_closed:  # closed (by us, or nats-py gave up): closed_cb tells
-            side._disconnected(nc, last_error[-1] if last_error else None)
+        # Once closed (by us, or nats-py gave up), closed_cb tells.
+        if nc is side._nc and not nc.is_closed:
+            log_lost(log, side.describe(), last_error[-1] if last_error else None)
+            side._up(False)
 
-    async def reconnected_cb() -> None:
-        side._reconnected(nc)
+    async def reconnected_cb() -> None:  # every SUB replayed, and a PING round trip made
+        if nc is side._nc:
+            log_back(log, side.describe())
+            side._up(True)
 
-    async def closed_cb() -> None:
-        side._closed(nc)
+    async def closed_cb() -> None:  # nats-py gave up: our own closes unset side._nc first
+        if nc is side._nc:
+            side._gave_up()
 
     try:
         await nc.connect(
-            servers=side.urls,
-            error_cb=error_cb,
-            disconnected_cb=disconnected_cb,
-            reconnected_cb=reconnected_cb,
-            closed_cb=closed_cb,
-            max_reconnect_attempts=wanted if wanted > 0 else 1,
-            **settings,
+            servers=side.urls, error_cb=error_cb, disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb, closed_cb=closed_cb,
+            max_reconnect_attempts=wanted if wanted > 0 else 1, **settings,
         )
     except asyncio.CancelledError:  # the connect timeout struck mid-handshake
         await quietly(nc.close(), log, "closing a NATS connection half made")
@@ -171,11 +162,8 @@ class NatsServer(BrokerServer):
         self._live = True
 
     def _taker(self, route: str) -> Callable[[Msg], Awaitable[None]]:
-        """The callback of one subscription: nats-py runs it message by message.
-
-        As in Nest, the subscription's route routes every message on it, and
-        is the pattern of a foreign payload; the context has the concrete subject.
-        """
+        """The callback of one subscription, run by nats-py message by message.  As in
+        Nest, its route routes every message on it, and is a foreign payload's pattern."""
         publish = self._nc.publish  # type: ignore[union-attr]
 
         async def take(msg: Msg) -> None:
@@ -193,21 +181,12 @@ class NatsServer(BrokerServer):
 
         return take
 
-    def _disconnected(self, nc: NatsConnection, cause: BaseException | None) -> None:
-        if nc is self._nc:
-            self._live = False
-            log_lost(self.logger, self.describe(), cause)
+    def _up(self, up: bool) -> None:
+        self._live = up
 
-    def _reconnected(self, nc: NatsConnection) -> None:
-        # nats-py has replayed every SUB and made a PING round trip by now.
-        if nc is self._nc:
-            self._live = True
-            log_back(self.logger, self.describe())
-
-    def _closed(self, nc: NatsConnection) -> None:
-        if nc is self._nc:
-            self._live = False
-            self.logger.error("gave up reconnecting to %s; not serving", self.describe())
+    def _gave_up(self) -> None:
+        self._live = False
+        self.logger.error("gave up reconnecting to %s; not serving", self.describe())
 
     async def _stop_taking(self) -> None:
         """UNSUB first, so that queue-group peers take the new requests, and
@@ -232,28 +211,22 @@ class NatsServer(BrokerServer):
 class NatsClient(BrokerClient):
     """A client for a Nest NATS microservice (or a nestpy_mini one).
 
-    Options: ``servers`` (as the server's), ``headers`` (a dict merged into
-    every request and event), ``inbox_prefix`` (default ``_INBOX``),
-    ``timeout`` (s per request, default 5), ``max_reconnect_attempts``
-    (default -1, without end), ``reconnect_time_wait`` (default 0.5 s),
-    ``connect_timeout``, and any other nats-py ``connect`` option by its name.
+    Options: the server's for connecting, ``headers`` (a dict sent with every request and event),
+    ``inbox_prefix`` (default ``_INBOX``) and ``timeout`` (s per request, default 5).
 
-    While nats-py reconnects, a request fails at once with ``ConnectionError``
-    and requests in flight fail with ``ConnectionClosedError``: their replies
-    could not reach us.  Events are buffered by nats-py up to its
-    ``pending_size`` (2 MiB by default) and sent on reconnect; beyond that,
-    emit fails.
+    While nats-py reconnects, a request fails at once with ``ConnectionError`` and
+    requests in flight fail with ``ConnectionClosedError``: their replies could not
+    reach us.  Events are buffered by nats-py up to its ``pending_size`` (2 MiB by
+    default) and sent on reconnect; beyond that, emit fails.
     """
 
     kind = transport_name = "nats"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
-        headers = self.options.get("headers")
         # NATS header values are text; None sends a plain PUB, as Nest does.
-        self.headers: dict[str, str] | None = (
-            {str(k): str(v) for k, v in headers.items()} if headers else None
-        )
+        headers = {str(k): str(v) for k, v in (self.options.get("headers") or {}).items()}
+        self.headers: dict[str, str] | None = headers or None
         self._nc: NatsConnection | None = None
         self._reply_prefix = ""  # "<inbox>.": a request's reply subject is this and its id
 
@@ -278,23 +251,15 @@ class NatsClient(BrokerClient):
         if nc is not None:
             await quietly(nc.close(), self.logger, "closing the NATS connection")
 
-    def _disconnected(self, nc: NatsConnection, cause: BaseException | None) -> None:
-        if nc is self._nc:
-            log_lost(self.logger, self.describe(), cause)
-            # Replies sent while we are away are lost: fail now, not at the timeout.
-            self._fail_pending(
-                ConnectionClosedError(f"connection to {self.describe()} lost; reconnecting")
-            )
+    def _up(self, up: bool) -> None:
+        if not up:  # replies sent while we are away are lost: fail now, not at the timeout
+            lost = ConnectionClosedError(f"connection to {self.describe()} lost; reconnecting")
+            self._fail_pending(lost)
 
-    def _reconnected(self, nc: NatsConnection) -> None:
-        if nc is self._nc:
-            log_back(self.logger, self.describe())
-
-    def _closed(self, nc: NatsConnection) -> None:
-        if nc is self._nc:
-            self._nc = None
-            self.logger.error("gave up reconnecting to %s; the next send connects", self.describe())
-            self._on_connection_lost(ConnectionError("gave up reconnecting"))
+    def _gave_up(self) -> None:
+        self._nc = None
+        self.logger.error("gave up reconnecting to %s; the next send connects", self.describe())
+        self._on_connection_lost(ConnectionError("gave up reconnecting"))
 
     def _ready(self, request: bool) -> NatsConnection:
         """The connection.  While nats-py reconnects, a request fails (its reply

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -25,19 +24,9 @@ from ..exceptions import ConnectionClosedError
 from ..packets import dumps
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext
-from .base import (
-    CLOSE_TIMEOUT,
-    BrokerClient,
-    BrokerServer,
-    Reply,
-    Subscriptions,
-    broker_urls,
-    quietly,
-    within,
-)
+from . import broker_urls
+from .base import CLOSE_TIMEOUT, BrokerClient, BrokerServer, Reply, Subscriptions, quietly, within
 
-OnMessage = Callable[[bytes, bytes, bytes | None], None]  # channel, payload, glob
-OnFailed = Callable[[Any, BaseException], None]  # a message's token, and why
 logger = logging.getLogger("nestpy_mini.redis")
 
 
@@ -65,19 +54,17 @@ def pack_publish(channel: bytes, payload: bytes) -> bytes:
 class _Link:
     """One side's two connections, as Nest's two ioredis clients: subscribed, and publishing.
 
-    Raw connections, not redis-py's ``PubSub``, which reconnects behind its
-    caller's back and builds a dict per message.  PUBLISHes leave as they
-    queue up, never waiting for earlier confirmations: waiting a round trip
-    per batch, as a pipeline does, cost a third of the throughput.  A token
-    goes with each: a future gets the subscriber count, others go to
-    ``on_failed`` if the message fails.  A watchdog looks every
-    ``command_timeout`` s for PUBLISHes unconfirmed, and every
-    ``ping_interval`` s PINGs an idle subscriber, which must answer by the
-    next look."""
+    Raw connections, not redis-py's ``PubSub``, which reconnects behind its caller's
+    back and builds a dict per message.  PUBLISHes leave as they queue up, never
+    waiting for earlier confirmations: waiting a round trip per batch, as a pipeline
+    does, cost a third of the throughput.  A token goes with each: a future gets the
+    subscriber count, others go to the side's ``_publish_failed``.  A watchdog looks
+    every ``command_timeout`` s for PUBLISHes unconfirmed, and every ``ping_interval``
+    s PINGs an idle subscriber, which must answer by the next look.  The side hears
+    of messages by ``_on_message(channel, payload, glob)`` and of the end by ``_link_lost``."""
 
-    def __init__(self, side: Any, on_message: OnMessage, on_failed: OnFailed,
-                 on_lost: Callable[[Any, BaseException], None]) -> None:
-        options = side.options
+    def __init__(self, side: RedisServer | RedisClient) -> None:
+        self.side, options = side, side.options
         side.urls = broker_urls("redis", options.get("url"))
         if options.get("host") or options.get("port"):  # Nest's host/port options
             host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
@@ -87,7 +74,6 @@ class _Link:
             side.urls[0], retry=Retry(NoBackoff(), 0), protocol=2, socket_keepalive=True, **settings
         )
         self.pub, self.sub = pool.make_connection(), pool.make_connection()
-        self._on_message, self._on_failed, self._on_lost = on_message, on_failed, on_lost
         limits = options.get("command_timeout", 5.0), options.get("ping_interval", 30.0)
         self.limits = tuple(map(float, limits))
         self.lost: BaseException | None = None
@@ -96,7 +82,7 @@ class _Link:
         self._acks: dict[bytes, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._heard = [0, 0]  # responses read on pub and on sub
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # the watchdog's, on pub and on sub
         self._flushed: asyncio.Future[None] | None = None  # close() waits: all confirmed
 
     async def open(self, seconds: float) -> _Link:
@@ -135,10 +121,8 @@ class _Link:
         if which and silent:  # an idle subscriber: ask, to hear by the next look
             ping = asyncio.ensure_future(self.sub.send_command("PING", check_health=False))
             ping.add_done_callback(lambda t: t.cancelled() or t.exception())
-        args = (which, self._heard[which], silent)
-        self._timers[which : which + 1] = [
-            asyncio.get_running_loop().call_later(self.limits[which], self._watch, *args)
-        ]
+        heard, later = self._heard[which], asyncio.get_running_loop().call_later
+        self._timers[which] = later(self.limits[which], self._watch, which, heard, silent)
 
     def publish(self, channel: bytes | str, payload: bytes, token: Any = None) -> None:
         if self.lost is not None:
@@ -171,7 +155,7 @@ class _Link:
 
     def _fail(self, token: Any, exc: BaseException) -> None:
         if not isinstance(token, asyncio.Future):
-            self._on_failed(token, exc)
+            self.side._publish_failed(token, exc)
         elif not token.done():
             token.set_exception(exc)
 
@@ -186,9 +170,9 @@ class _Link:
         if isinstance(response, ResponseError):  # a refused SUBSCRIBE: fail its waiters now
             self._fail_acks(ConnectionError(f"redis refused to subscribe: {response}"))
         elif response[0] == b"message":
-            self._on_message(response[1], response[2], None)
+            self.side._on_message(response[1], response[2], None)
         elif response[0] == b"pmessage":
-            self._on_message(response[2], response[3], response[1])
+            self.side._on_message(response[2], response[3], response[1])
         elif response[0] in (b"subscribe", b"psubscribe"):
             future = self._acks.pop(response[1], None)
             if future is not None and not future.done():
@@ -206,7 +190,7 @@ class _Link:
         if self.lost is not None:
             return
         self.lost = exc
-        for handle in [*self._timers, *self._tasks]:
+        for handle in [*self._timers.values(), *self._tasks]:
             if handle is not asyncio.current_task():
                 handle.cancel()
         self._fail_acks(ConnectionError(f"redis connection lost: {exc}"))
@@ -218,7 +202,7 @@ class _Link:
             self._flushed.set_result(None)
         bye = asyncio.gather(self.sub.disconnect(), self.pub.disconnect())
         self._tasks.append(asyncio.ensure_future(quietly(bye, logger, "disconnecting")))
-        self._on_lost(self, exc)
+        self.side._link_lost(self, exc)
 
     async def close(self) -> None:
         """Let the broker confirm what was published (within ``CLOSE_TIMEOUT``), then disconnect."""
@@ -246,22 +230,22 @@ class RedisServer(BrokerServer):
     @property
     def is_subscribed(self) -> bool:  # False during an outage
         link = self._link
-        return self._open_now and not self.reconnect.running and link is not None and not link.lost
+        return self._open_now and not self.reconnecting and link is not None and not link.lost
 
     async def _open(self) -> None:
         await self._shutdown()  # what a failed attempt left, when reconnecting
         # A message names its channel (or its glob), which is its route.
         self._routes = {route.encode(): route for route in self.patterns}
-        self._link = _Link(self, self._on_message, self._reply_failed, self._on_lost)
+        self._link = _Link(self)
         await self._link.open(self.connect_timeout)
         kind = "PSUBSCRIBE" if self.wildcards else "SUBSCRIBE"
         await self._link.subscribe(kind, list(self._routes), self.connect_timeout)
 
-    def _on_lost(self, link: _Link, exc: BaseException) -> None:
+    def _link_lost(self, link: _Link, exc: BaseException) -> None:
         if link is self._link:
             self._lost(exc)
 
-    def _reply_failed(self, token: Any, exc: BaseException) -> None:
+    def _publish_failed(self, token: Any, exc: BaseException) -> None:
         self.logger.warning("could not deliver a reply: %s", exc)
 
     def _on_message(self, channel: bytes, payload: bytes, glob: bytes | None) -> None:
@@ -301,16 +285,17 @@ class RedisClient(BrokerClient):
         self._gone: list[_Link] = []  # lost links, still disconnecting
 
     async def _connect(self) -> None:
-        on_message: OnMessage = lambda _, body, __: self._on_body(body)  # noqa: E731
-        link = _Link(self, on_message, self._failed, self._lost)
-        self._link = await link.open(self.connect_timeout)
+        self._link = await _Link(self).open(self.connect_timeout)
         self._replies.clear()
 
-    def _failed(self, msg_id: Any, exc: BaseException) -> None:
+    def _on_message(self, channel: bytes, payload: bytes, glob: bytes | None) -> None:
+        self._on_body(payload)
+
+    def _publish_failed(self, msg_id: Any, exc: BaseException) -> None:
         error = ConnectionError(f"could not publish to {self.describe()}: {exc}")
         self._fail_request(msg_id, error)
 
-    def _lost(self, link: _Link, exc: BaseException) -> None:
+    def _link_lost(self, link: _Link, exc: BaseException) -> None:
         if link is self._link:
             self._link, self._gone = None, [link]
             self._replies.lost()

@@ -43,21 +43,19 @@ class TcpContext(BaseRpcContext):
         return self.args[2]
 
     @property
-    def peer(self) -> tuple[str, int] | None:
-        """The caller's address, ``(host, port)``."""
+    def peer(self) -> tuple[str, int] | None:  # the caller's (host, port)
         return self.args[0].peer
 
 
 class _Served(JsonSocket):
-    """A server's connection, tracked from ``connection_made`` on.
+    """A server's connection, tracked from ``connection_made`` on: with TLS, asyncio
+    makes the protocol when it accepts, but calls ``connection_made`` only once the
+    handshake succeeds, and never calls ``connection_lost`` if it fails.  Tracked from
+    the accept, every failed handshake (a plaintext client, a port scan) would stay."""
 
-    With TLS, asyncio makes the protocol when it accepts, but calls
-    ``connection_made`` only once the handshake succeeds, and never calls
-    ``connection_lost`` if it fails.  Tracked from the accept, every failed
-    handshake (a plaintext client, a port scan) would be kept for ever.
-    """
-
-    server: TcpServer
+    def __init__(self, server: TcpServer) -> None:
+        super().__init__(server._on_packet, server._on_lost, server.options)
+        self.server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -87,27 +85,19 @@ class TcpServer(Server):
         self.port: int = int(self.options.get("port", DEFAULT_PORT))
         self.ssl: ssl.SSLContext | None = self.options.get("ssl")
         self._server: asyncio.Server | None = None
-        # asyncio's Server.close() stops accepting but leaves established
-        # connections open (as net.Server#close does in Nest); they are
-        # tracked so that close() ends them too.
+        # asyncio's Server.close(), as net.Server#close in Nest, stops accepting but
+        # leaves established connections open: they are tracked, for close() to end.
         self._connections: set[_Served] = set()
 
     def describe(self) -> str:
         return f"tcp://{self.host}:{self.port}"
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
     async def listen(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, self.host, self.port, ssl=self.ssl)
+        self._server = await loop.create_server(
+            lambda: _Served(self), self.host, self.port, ssl=self.ssl
+        )
         self.port = self._server.sockets[0].getsockname()[1]
-
-    def _accept(self) -> JsonSocket:
-        conn = _Served(self._on_packet, self._on_lost, self.options)
-        conn.server = self  # it adds itself to _connections once made
-        return conn
 
     def _on_lost(self, conn: JsonSocket, exc: Exception | None) -> None:
         self._connections.discard(conn)  # type: ignore[arg-type]
@@ -167,9 +157,7 @@ class TcpClient(ClientProxy):
         loop = asyncio.get_running_loop()
         _, self._conn = await loop.create_connection(
             lambda: JsonSocket(self._on_packet, self._on_lost, self.options),
-            self.host,
-            self.port,
-            ssl=self.ssl,
+            self.host, self.port, ssl=self.ssl,
         )
 
     def _on_packet(self, conn: JsonSocket, packet: Any) -> None:
