@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +23,6 @@ if TYPE_CHECKING:
     from .http import HttpServer
 
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-async def call_hooks(container: Container, *names: str) -> None:
-    """Run each lifecycle hook, in turn, on every provider and controller that has it."""
-    for name in names:
-        for instance in list(container.instances()):
-            result = getattr(instance, name, lambda: None)()
-            if inspect.isawaitable(result):
-                await result
 
 
 class NestMicroservice:
@@ -62,7 +52,7 @@ class NestMicroservice:
 
     async def _hooks(self, *names: str) -> None:
         if self._owns_container:
-            await call_hooks(self.container, *names)
+            await self.container.call_hooks(*names)
 
     async def start(self) -> NestMicroservice:
         """Begin serving and return at once."""
@@ -154,7 +144,7 @@ class NestApplication:
         routes = [(c, getattr(type(c), PREFIX_ATTR, "")) for c in self.container.controllers]
         self.http = HttpServer(routes)
         await self.http.start(host, port)
-        await call_hooks(self.container, "on_application_bootstrap")
+        await self.container.call_hooks("on_application_bootstrap")
 
     @property
     def url(self) -> str:
@@ -173,14 +163,7 @@ class NestApplication:
             await microservice.close()
         if self.http is not None:
             await self.http.close()
-        await call_hooks(self.container, "on_module_destroy", "on_application_shutdown")
-
-
-async def _container(module: Any) -> Container:
-    container = Container(module)
-    await container.init()
-    await call_hooks(container, "on_module_init")
-    return container
+        await self.container.call_hooks("on_module_destroy", "on_application_shutdown")
 
 
 class NestFactory:
@@ -190,7 +173,7 @@ class NestFactory:
     @staticmethod
     async def create(module: Any) -> NestApplication:
         """An HTTP application; add transports with ``connect_microservice`` for a hybrid."""
-        return NestApplication(await _container(module))
+        return NestApplication(await Container(module).init())
 
     @staticmethod
     async def create_microservice(
@@ -202,7 +185,7 @@ class NestFactory:
     ) -> NestMicroservice:
         """The module served over ``transport``, or by ``strategy``, a custom ``Server``."""
         server = strategy if strategy is not None else load(transport).SERVER(options)
-        return NestMicroservice(await _container(module), server)
+        return NestMicroservice(await Container(module).init(), server)
 
 
 class ClientProxyFactory:

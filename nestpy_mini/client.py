@@ -60,14 +60,12 @@ class Observable(Generic[T]):
         return values
 
     async def __aiter__(self) -> AsyncIterator[T]:
-        queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-        task = asyncio.ensure_future(self._source(lambda value: queue.put_nowait((True, value))))
-        task.add_done_callback(lambda _: queue.put_nowait((False, None)))
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.ensure_future(self._source(queue.put_nowait))
+        task.add_done_callback(queue.put_nowait)  # the task itself marks the end
         try:
-            more, value = await queue.get()
-            while more:
+            while (value := await queue.get()) is not task:
                 yield value
-                more, value = await queue.get()
             task.result()  # raises the stream's error, if it ended with one
         finally:
             task.cancel()
@@ -98,8 +96,6 @@ class Observable(Generic[T]):
 
 
 class _Pending:
-    """One request waiting for its reply packets."""
-
     __slots__ = ("done", "last", "on_next", "pattern", "tick", "timeout", "timeouts")
 
     def __init__(
@@ -199,7 +195,6 @@ class ClientProxy:
         self._ids = itertools.count(1)
         self._timeouts: _Deadlines  # set by connect(), which every send runs first
 
-    # --- what a transport provides --------------------------------------------
     async def _connect(self) -> None:
         raise NotImplementedError
 
@@ -220,7 +215,6 @@ class ClientProxy:
     def _cannot_connect(self, why: str) -> ConnectionError:
         return ConnectionError(f"cannot connect to {self.describe()}: {why}")
 
-    # --- connection ---------------------------------------------------------
     @property
     def is_connected(self) -> bool:
         return self._connected
@@ -275,7 +269,6 @@ class ClientProxy:
         else:
             logger.debug("dropped a reply that answers none of our requests: %.200r", packet)
 
-    # --- send and emit ------------------------------------------------------
     def send(self, pattern: Any, data: Any, *, timeout: float | None = None) -> Observable[Any]:
         """A request; cold, like Nest's Observable: nothing leaves until it is awaited, iterated
         or subscribed."""

@@ -31,20 +31,16 @@ CLOSE_TIMEOUT = 10.0  # seconds close() waits for requests in flight
 logger = logging.getLogger("nestpy_mini.http")
 
 
-def Get(path: str = "") -> Callable[[F], F]:
-    return mark(ROUTE_ATTR, ("GET", path))
+def _mapping(verb: str) -> Callable[[str], Callable[[F], F]]:
+    """One decorator per verb, as Nest builds ``@Get`` and the rest from ``RequestMapping``."""
+
+    def decorator(path: str = "") -> Callable[[F], F]:
+        return mark(ROUTE_ATTR, (verb, path))
+
+    return decorator
 
 
-def Post(path: str = "") -> Callable[[F], F]:
-    return mark(ROUTE_ATTR, ("POST", path))
-
-
-def Put(path: str = "") -> Callable[[F], F]:
-    return mark(ROUTE_ATTR, ("PUT", path))
-
-
-def Delete(path: str = "") -> Callable[[F], F]:
-    return mark(ROUTE_ATTR, ("DELETE", path))
+Get, Post, Put, Delete = (_mapping(verb) for verb in ("GET", "POST", "PUT", "DELETE"))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Builds the module graph and constructs providers and controllers.
+"""Builds the module graph, constructs providers and controllers, and runs their lifecycle hooks.
 
 Scoping follows Nest: a class sees the providers of its own module, the exports of the modules
 that module imports, and global modules.  Every wiring mistake is found while building, before
@@ -21,7 +21,6 @@ def token_name(token: Any) -> str:
 
 
 def _token(provider: Any, module_name: str) -> Any:
-    """The token a provider spec provides: a class, or ``{"provide": token, "use_...": ...}``."""
     if isinstance(provider, type):
         return provider
     if isinstance(provider, dict) and "provide" in provider:
@@ -34,8 +33,6 @@ def _token(provider: Any, module_name: str) -> Any:
 
 
 class ModuleRef:
-    """One module in the graph: its providers, what it imports, what it shares."""
-
     def __init__(self, key: Any, cls: type, metas: list[DynamicModule]) -> None:
         self.key = key
         self.cls = cls
@@ -72,7 +69,7 @@ class Container:
 
     def __init__(self, root: Any) -> None:
         self.modules: list[ModuleRef] = []
-        self.root = self._add_module(root, None)
+        self._add_module(root, None)
         self._globals = [m for m in self.modules if m.is_global]
         self.controllers: list[Any] = []
         self._resolving: list[str] = []
@@ -144,11 +141,10 @@ class Container:
         for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
-            token = hints.get(name, param.empty)
-            if get_origin(token) is Annotated:
-                base, *extras = get_args(token)
-                injects = [extra.token for extra in extras if isinstance(extra, Inject)]
-                token = injects[-1] if injects else base
+            hint = hints.get(name, param.empty)
+            base, *extras = get_args(hint) if get_origin(hint) is Annotated else (hint,)
+            injects = [extra.token for extra in extras if isinstance(extra, Inject)]
+            token = injects[-1] if injects else base
             if param.default is not param.empty:
                 if token is param.empty or self._find(token, mod) is None:
                     continue
@@ -161,19 +157,25 @@ class Container:
             kwargs[name] = await self.resolve(token, mod, f"{cls.__name__} (parameter {name!r})")
         return cls(**kwargs)
 
-    async def init(self) -> None:
-        """Construct every provider and controller; eager, so mistakes surface now."""
+    async def init(self) -> Container:
+        """Construct every provider and controller, eager so that mistakes surface now, then
+        run ``on_module_init``."""
         for mod in self.modules:
             for token in mod.providers:
                 await self.resolve(token, mod)
         for mod in self.modules:
             for ctrl in mod.controllers:
                 self.controllers.append(await self.construct(ctrl, mod))
+        await self.call_hooks("on_module_init")
+        return self
 
-    def instances(self) -> Iterator[Any]:
-        for mod in self.modules:
-            yield from mod.instances.values()
-        yield from self.controllers
+    async def call_hooks(self, *names: str) -> None:
+        providers = [instance for mod in self.modules for instance in mod.instances.values()]
+        for name in names:
+            for instance in [*providers, *self.controllers]:
+                result = getattr(instance, name, lambda: None)()
+                if inspect.isawaitable(result):
+                    await result
 
     def get(self, token: Any) -> Any:
         for mod in self.modules:

@@ -7,6 +7,7 @@
 * **Reconnecting**: one backoff policy (``BrokerServer._reconnect``, for Redis and MQTT,
   whose libraries do not reconnect) and the same two log lines everywhere.
 * **Reading and replying**: ``BrokerServer.read`` sorts a message, ``Reply`` writes replies.
+* **Contexts**: ``arg`` and ``pattern_text`` read them as Nest's do, for TCP's as well.
 """
 
 from __future__ import annotations
@@ -19,12 +20,8 @@ from typing import Any, TypeVar
 
 from ..client import ClientProxy
 from ..packets import Incoming, dumps, loads, read_incoming
-from ..server import LARGE_MESSAGE, Server
-from . import broker_urls, describe, redact, unreachable
-
-# Where brokers are, and the error when none answers, live in the package
-# (Nest's constants.ts); transports may import them from here as well.
-__all__ = ["broker_urls", "describe", "redact", "unreachable"]
+from ..server import BaseRpcContext, Server
+from . import describe, unreachable
 
 T = TypeVar("T")
 
@@ -63,6 +60,16 @@ def log_back(log: logging.Logger, where: str, attempts: int | None = None) -> No
     """The one line logged when it is back, with every subscription in place again."""
     after = f" after {attempts} attempt(s)" if attempts else ""
     log.info("back on %s%s; subscriptions restored", where, after)
+
+
+def arg(index: int) -> Callable[[BaseRpcContext], Any]:
+    """A context's ``get_*()``: Nest's contexts give each of their ``args`` a name."""
+    return lambda ctx: ctx.args[index]
+
+
+def pattern_text(pattern: Any) -> str:
+    """Nest's ``getPatternAsString``: a string as it came, anything else as JSON."""
+    return pattern if isinstance(pattern, str) else dumps(pattern)
 
 
 class Reply:
@@ -171,7 +178,6 @@ class BrokerServer(Server):
         raise NotImplementedError
 
     def _lost(self, cause: BaseException | None) -> None:
-        """The connection to the broker is gone: reconnect, unless closing."""
         if not self._open_now:
             self._lost_early = cause or ConnectionError("closed")
         elif self.retry_cap <= 0:  # mqtt.js's reconnectPeriod 0: never reconnect
@@ -187,6 +193,7 @@ class BrokerServer(Server):
         for attempt in itertools.count(1):
             await asyncio.sleep(delay)
             try:
+                await self._shutdown()  # what the lost connection, or a failed attempt, left
                 await self._open()
             except Exception as exc:
                 if self.retry_attempts is not None and attempt >= self.retry_attempts:
@@ -199,7 +206,6 @@ class BrokerServer(Server):
                 return
 
     def read(self, body: bytes, channel: str | None = None) -> Incoming | None:
-        """One message's packet, or None (logged) when it must be dropped."""
         where = "" if channel is None else f" on {channel!r:.200}"
         try:
             packet = loads(body)
@@ -211,10 +217,6 @@ class BrokerServer(Server):
             self.logger.warning("dropped a message%s: %s", where, message)
             return None
         return message
-
-    def route_of(self, message: Incoming, body: bytes) -> str | None:
-        """The route of a message routed by its body's pattern, screened when large."""
-        return self.route(message.pattern, len(body) > LARGE_MESSAGE)
 
 
 class BrokerClient(ClientProxy):

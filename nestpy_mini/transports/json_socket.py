@@ -75,8 +75,7 @@ class FrameDecoder:
         self._utf8: codecs.IncrementalDecoder = _Utf8Decoder()
 
     @property
-    def has_partial(self) -> bool:
-        """True while a frame has begun but not ended."""
+    def has_partial(self) -> bool:  # a frame has begun but not ended
         return bool(self._buf) or self._length is not None
 
     def feed(self, data: bytes) -> list[Any]:

@@ -27,7 +27,8 @@ from ..exceptions import WiringError
 from ..packets import dumps, js_number, loads
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext
-from .base import BrokerClient, BrokerServer, Subscriptions, broker_urls, quietly, within
+from . import broker_urls
+from .base import BrokerClient, BrokerServer, Subscriptions, arg, quietly, within
 
 # Nest's KafkaHeaders and defaults (enums/kafka-headers.enum, constants).
 CORRELATION_ID = "kafka_correlationId"
@@ -227,23 +228,12 @@ class KafkaContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_message(self) -> KafkaMessage:
-        return self.args[0]
-
-    def get_partition(self) -> int:
-        return self.args[1]
-
-    def get_topic(self) -> str:
-        return self.args[2]
-
-    def get_consumer(self) -> AIOKafkaConsumer:
-        return self.args[3]
-
-    def get_heartbeat(self) -> Callable[[], Any]:
-        return self.args[4]
-
-    def get_producer(self) -> AIOKafkaProducer:
-        return self.args[5]
+    get_message = arg(0)
+    get_partition = arg(1)
+    get_topic = arg(2)
+    get_consumer = arg(3)
+    get_heartbeat = arg(4)
+    get_producer = arg(5)
 
 
 class _Replies:

@@ -25,7 +25,8 @@ from paho.mqtt.properties import Properties
 from ..packets import dumps
 from ..patterns import normalize_pattern
 from ..server import LARGE_MESSAGE, BaseRpcContext
-from . import base
+from . import base, broker_urls
+from .base import arg
 
 REPLY_SUFFIX = "/reply"
 How = tuple[int, bool, Properties | None]  # a publish's QoS, retain flag and properties
@@ -80,11 +81,8 @@ class MqttContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_topic(self) -> str:  # the concrete one, even for a wildcard handler
-        return self.args[0]
-
-    def get_packet(self) -> aiomqtt.Message:  # its qos, retain, properties (MQTT 5) ...
-        return self.args[1]
+    get_topic = arg(0)  # the concrete one, even for a wildcard handler
+    get_packet = arg(1)  # the aiomqtt.Message: its qos, retain, properties (MQTT 5) ...
 
 
 def strip_shared_prefix(key: str) -> str:
@@ -116,7 +114,7 @@ class _Link:
                  on_lost: Callable[[BaseException], None]) -> None:
         self.side, self.on_message, self.on_lost = side, on_message, on_lost
         options = side.options
-        side.urls = base.broker_urls("mqtt", options.get("url"))
+        side.urls = broker_urls("mqtt", options.get("url"))
         url = urlsplit(side.urls[0])
         tls: ssl.SSLContext | None = options.get("ssl")
         if tls is None and url.scheme in ("mqtts", "ssl", "tls"):
@@ -250,7 +248,6 @@ class MqttServer(base.BrokerServer):
     _link: _Link | None = None
 
     async def _open(self) -> None:
-        await self._shutdown()  # what a failed attempt left, when reconnecting
         so, table = self.options.get("subscribe_options") or {}, {}
         for route in self.patterns:  # one filter per route, at its handler's QoS, as Nest's
             handler = self.message_handlers.get(route) or self.event_handlers[route][0]

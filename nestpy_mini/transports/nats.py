@@ -19,6 +19,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import nats.errors
@@ -30,7 +31,8 @@ from ..exceptions import ConnectionClosedError
 from ..packets import EMPTY_RESPONSE, dumps
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext
-from .base import BrokerClient, BrokerServer, Reply, broker_urls, log_back, log_lost, quietly
+from . import broker_urls
+from .base import BrokerClient, BrokerServer, Reply, arg, log_back, log_lost, quietly
 
 # nats-py waits 2 s between reconnect attempts by default; a restarted broker
 # should be back in service sooner than that.
@@ -50,11 +52,8 @@ class NatsContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_subject(self) -> str:  # the one published to, even for a wildcard handler
-        return self.args[0]
-
-    def get_headers(self) -> dict[str, str] | None:  # None when it had none
-        return self.args[1]
+    get_subject = arg(0)  # the one published to, even for a wildcard handler
+    get_headers = arg(1)  # None when it had none
 
 
 async def _connect(side: NatsServer | NatsClient) -> NatsConnection:
@@ -174,8 +173,7 @@ class NatsServer(BrokerServer):
             if not msg.reply:
                 self.dispatch(message, route, ctx, _unanswered)
                 return
-            reply_to = msg.reply
-            reply = Reply(lambda body: publish(reply_to, body), hold=True)
+            reply = Reply(partial(publish, msg.reply), hold=True)
             self.dispatch(message, route, ctx, reply)
             await reply.flush(self.logger)
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 from collections import deque
+from functools import partial
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -24,7 +25,7 @@ from ..exceptions import ConnectionClosedError
 from ..packets import dumps
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext
-from . import broker_urls
+from . import base, broker_urls
 from .base import CLOSE_TIMEOUT, BrokerClient, BrokerServer, Reply, Subscriptions, quietly, within
 
 logger = logging.getLogger("nestpy_mini.redis")
@@ -35,11 +36,8 @@ class RedisContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_channel(self) -> str:  # with wildcards: the concrete channel
-        return self.args[0]
-
-    def get_metadata(self) -> Any:
-        return self.args[1]
+    get_channel = base.arg(0)  # with wildcards: the concrete channel
+    get_metadata = base.arg(1)
 
 
 def pack_publish(channel: bytes, payload: bytes) -> bytes:
@@ -160,7 +158,6 @@ class _Link:
             token.set_exception(exc)
 
     async def subscribe(self, kind: str, names: list[bytes], seconds: float) -> None:
-        """SUBSCRIBE (or PSUBSCRIBE) ``names`` and wait until the broker confirms them all."""
         loop = asyncio.get_running_loop()
         acks = [self._acks.setdefault(name, loop.create_future()) for name in names]
         await within(self.sub.send_command(kind, *names, check_health=False), seconds, kind)
@@ -233,7 +230,6 @@ class RedisServer(BrokerServer):
         return self._open_now and not self.reconnecting and link is not None and not link.lost
 
     async def _open(self) -> None:
-        await self._shutdown()  # what a failed attempt left, when reconnecting
         # A message names its channel (or its glob), which is its route.
         self._routes = {route.encode(): route for route in self.patterns}
         self._link = _Link(self)
@@ -256,8 +252,7 @@ class RedisServer(BrokerServer):
         name = channel.decode("utf-8", "replace")
         message = self.read(payload, name)
         if message is not None:
-            publish, reply_to = self._link.publish, channel + b".reply"  # type: ignore[union-attr]
-            reply = Reply(lambda body: publish(reply_to, body))
+            reply = Reply(partial(self._link.publish, channel + b".reply"))  # type: ignore[union-attr]
             self.dispatch(message, route, RedisContext((name, message.metadata)), reply)
 
     async def _stop_taking(self) -> None:

@@ -20,9 +20,9 @@ from yarl import URL
 
 from ..exceptions import ConnectionClosedError
 from ..packets import NO_MESSAGE_HANDLER, dumps
-from ..server import BaseRpcContext
-from . import base
-from .base import BrokerClient, BrokerServer, Reply
+from ..server import LARGE_MESSAGE, BaseRpcContext
+from . import base, broker_urls, redact
+from .base import BrokerClient, BrokerServer, Reply, pattern_text
 
 # Nest's texts (constants.ts), logged when acks are on and no handler matches.
 _NACKED = "It has been negative acknowledged, so it will not be re-delivered. Pattern: "
@@ -87,11 +87,6 @@ class RmqContext(BaseRpcContext):
         return pattern_text(self._pattern)
 
 
-def pattern_text(pattern: Any) -> str:
-    """Nest's ``getPatternAsString``: a string as it came, anything else as JSON."""
-    return pattern if isinstance(pattern, str) else dumps(pattern)
-
-
 def match_rmq_pattern(pattern: str, routing_key: str) -> bool:
     """Nest's ``matchRmqPattern``: ``*`` is one ``.``-segment, a final ``#`` the rest."""
     if not routing_key:
@@ -147,7 +142,7 @@ class _Link:
         deadline, socket = loop.time() + side.connect_timeout, options.get("socket_options") or {}
         tuning = {"reconnect_interval": socket.get("reconnect_time_in_seconds", 5.0),  # Nest's
                   "heartbeat": socket.get("heartbeat_interval_in_seconds", 5)}  # defaults (s)
-        side.urls = base.broker_urls("rmq", options.get("urls"))
+        side.urls = broker_urls("rmq", options.get("urls"))
         for i, url in enumerate(side.urls):
             settings = {k: v for k, v in tuning.items() if k not in URL(url).query}  # URL's win
             connection = aio_pika.RobustConnection(URL(url), **settings)  # as connect_robust()
@@ -159,7 +154,7 @@ class _Link:
                 if not isinstance(exc, Exception):
                     raise
                 why = str(exc) or type(exc).__name__
-                reasons.append(f"{base.redact(url)}: {why}" if len(side.urls) > 1 else why)
+                reasons.append(f"{redact(url)}: {why}" if len(side.urls) > 1 else why)
         else:
             raise ConnectionError("; ".join(reasons))
         try:
@@ -264,11 +259,11 @@ class RmqServer(BrokerServer):
             nack = aio_pika.IncomingMessage(delivered).nack(requeue=False)
             await base.quietly(nack, self.logger, "nacking")
 
-    async def _handle(self, delivered: DeliveredMessage) -> bool:
-        """Run one delivery; False when nothing handles it."""
+    async def _handle(self, delivered: DeliveredMessage) -> bool:  # False: nothing handles it
         if (message := self.read(delivered.body)) is None:
             return False
-        route = self.route_of(message, delivered.body)  # screened: the peer chose the pattern
+        # Screened when large: the peer chose the pattern.
+        route = self.route(message.pattern, len(delivered.body) > LARGE_MESSAGE)
         table = self.message_handlers if message.is_request else self.event_handlers
         if self.wildcards and route not in table:  # Nest: the exact route first
             text, wild = pattern_text(message.pattern), (k for k in table if "*" in k or "#" in k)

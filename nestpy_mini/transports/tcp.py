@@ -12,9 +12,10 @@ import ssl
 from typing import Any
 
 from ..client import ClientProxy
-from ..packets import dumps, read_incoming
+from ..packets import read_incoming
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext, Server
+from .base import arg, pattern_text
 from .json_socket import JsonSocket
 
 # Nest's TCP_DEFAULT_PORT; the host is loopback, so that nothing is exposed
@@ -31,16 +32,11 @@ class TcpContext(BaseRpcContext):
 
     __slots__ = ()
 
-    def get_socket_ref(self) -> JsonSocket:
-        return self.args[0]
+    get_socket_ref = arg(0)
+    get_metadata = arg(2)
 
-    def get_pattern(self) -> str:
-        """The pattern as the client sent it, as a string (``JSON.stringify`` for objects)."""
-        pattern = self.args[1]
-        return pattern if isinstance(pattern, str) else dumps(pattern)
-
-    def get_metadata(self) -> Any:
-        return self.args[2]
+    def get_pattern(self) -> str:  # as the client sent it
+        return pattern_text(self.args[1])
 
     @property
     def peer(self) -> tuple[str, int] | None:  # the caller's (host, port)
