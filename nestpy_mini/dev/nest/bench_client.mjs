@@ -46,6 +46,28 @@ setTimeout(() => {
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
 const call = () => lastValueFrom(client.send(PATTERN, DATA));
+// Replies counted by the phases below, not timed: a timeout per request would
+// cost NestJS's side a timer each.
+let answered = 0;
+
+// Nest's clients wait for ever for a reply that never comes (its MQTT client can
+// unsubscribe a reply topic while a request on it is still out).  Once the
+// client is measuring, a stall of `stall` seconds ends the run with the reason,
+// rather than at the deadline with none.
+const stallMs = Number(args.stall ?? 10) * 1000;
+function watchForStalls() {
+  let seen = answered;
+  setInterval(() => {
+    if (answered === seen) {
+      process.stderr.write(
+        `[bench_client] no reply for ${stallMs / 1000} s after ${answered} answered: ` +
+          `the server stopped answering, or NestJS's ${kind} client lost a reply\n`,
+      );
+      process.exit(4);
+    }
+    seen = answered;
+  }, stallMs).unref();
+}
 
 const client = ClientProxyFactory.create({ transport, options });
 if (kind === 'kafka') {
@@ -73,7 +95,9 @@ async function pool(total, inFlight) {
   const worker = async () => {
     while (remaining > 0) {
       remaining -= 1;
-      if ((await call()) !== EXPECTED) {
+      const value = await call();
+      answered += 1;
+      if (value !== EXPECTED) {
         wrong += 1;
       }
     }
@@ -91,6 +115,7 @@ async function sequential(count) {
     const start = process.hrtime.bigint();
     const value = await call();
     samples.push(Number(process.hrtime.bigint() - start));
+    answered += 1;
     if (value !== EXPECTED) {
       wrong += 1;
     }
@@ -101,6 +126,7 @@ async function sequential(count) {
 async function main() {
   await client.connect();
   await ready();
+  watchForStalls();
   await pool(warmup, concurrency);
   await sequential(Math.ceil(warmup / 10));
   const [elapsed, wrongPool] = await pool(requests, concurrency);
