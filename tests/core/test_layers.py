@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,25 +119,31 @@ def test_the_core_and_tcp_need_no_third_party_library() -> None:
 STARTER = """
 import sys, time
 from nestpy_mini.dev import brokers
-broker = brokers.start(sys.argv[1])
+broker = brokers.mosquitto() if sys.argv[1] == "mosquitto" else brokers.start(sys.argv[1])
 print(broker.url, flush=True)
 time.sleep(120)
 """
 
 
+# The benchmark's private Mosquitto too: started as root it switches to its own
+# user, which clears a parent-death signal, so it needs the same tie.
+@pytest.mark.parametrize("which", ["redis", "mosquitto"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_an_embedded_broker_dies_with_the_process_that_started_it(sig: int) -> None:
+def test_an_embedded_broker_dies_with_the_process_that_started_it(sig: int, which: str) -> None:
+    if which == "mosquitto" and shutil.which("mosquitto") is None:
+        pytest.skip("no mosquitto on PATH")
+    kind = "mqtt" if which == "mosquitto" else which
     with subprocess.Popen(
-        [sys.executable, "-c", STARTER, "redis"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", STARTER, which], stdout=subprocess.PIPE, text=True
     ) as starter:
         assert starter.stdout is not None
         url = starter.stdout.readline().strip()
         port = int(url.rsplit(":", 1)[1])
-        assert brokers.probe("redis", "127.0.0.1", port) is None  # it serves
+        assert brokers.probe(kind, "127.0.0.1", port) is None  # it serves
         starter.send_signal(sig)  # no atexit, no finally: only the broker's tie to its parent
         starter.wait(10)
     deadline = time.monotonic() + 5
-    while brokers.probe("redis", "127.0.0.1", port, 0.2) is None:
+    while brokers.probe(kind, "127.0.0.1", port, 0.2) is None:
         assert time.monotonic() < deadline, f"the broker outlived its parent's {sig!r}"
         time.sleep(0.05)
 
