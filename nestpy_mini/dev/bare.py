@@ -83,6 +83,32 @@ async def sequential(
     return samples, wrong
 
 
+async def measure(
+    impl: str, call: Callable[[], Awaitable[Any]], expected: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Warm up, then the throughput and latency phases: the JSON every Python client prints."""
+    import resource
+
+    await pool(call, expected, args.warmup, args.concurrency)
+    await sequential(call, expected, -(-args.warmup // 10))
+    elapsed, wrong_pool = await pool(call, expected, args.requests, args.concurrency)
+    samples, wrong_seq = await sequential(call, expected, args.latency)
+    return {
+        "impl": impl,
+        "transport": args.transport,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "warmup": args.warmup,
+        "elapsed_s": elapsed,
+        "throughput_rps": args.requests / elapsed,
+        "latency_ns": samples,
+        "errors": wrong_pool + wrong_seq,
+        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Where it was allowed to run: shows that the orchestrator's pinning took.
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
 def on_stdin_end(loop: asyncio.AbstractEventLoop, callback: Callable[[], Any]) -> None:
     """Call ``callback`` once stdin ends, so a server never outlives its parent's pipe."""
     fd = sys.stdin.fileno() if sys.stdin is not None else -1
@@ -304,7 +330,6 @@ async def first_reply(proto: SumClient | NatsSumClient, within: float) -> None:
 
 async def client(args: argparse.Namespace) -> int:
     """The phases of ``bench client`` over one ``SumClient`` connection; one JSON line out."""
-    import resource
 
     loop = asyncio.get_running_loop()
     proto: SumClient | NatsSumClient
@@ -321,25 +346,9 @@ async def client(args: argparse.Namespace) -> int:
 
     try:
         await first_reply(proto, args.ready_timeout)
-        await pool(call, EXPECTED, args.warmup, args.concurrency)
-        await sequential(call, EXPECTED, -(-args.warmup // 10))
-        elapsed, wrong_pool = await pool(call, EXPECTED, args.requests, args.concurrency)
-        samples, wrong_seq = await sequential(call, EXPECTED, args.latency)
+        result = await measure("bare", call, EXPECTED, args)
     finally:
         await proto.close()
-    result = {
-        "impl": "bare",
-        "transport": args.transport,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "warmup": args.warmup,
-        "elapsed_s": elapsed,
-        "throughput_rps": args.requests / elapsed,
-        "latency_ns": samples,
-        "errors": wrong_pool + wrong_seq,
-        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
     print(json.dumps(result, separators=(",", ":")), flush=True)
     return 0
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
 from . import node
-from .bare import on_stdin_end, pool, sequential
+from .bare import measure, on_stdin_end
 
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,6 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _client(args: argparse.Namespace) -> int:
     """Run the phases of ``nest/bench_client.mjs`` with nestpy_mini's ClientProxy."""
-    import resource
 
     options = _transport_options(args)
     options["timeout"] = REQUEST_TIMEOUT
@@ -197,26 +196,9 @@ async def _client(args: argparse.Namespace) -> int:
     try:
         await asyncio.wait_for(client.connect(), READY_TIMEOUT)
         await _first_reply(client, pattern, args.ready_timeout)
-        await pool(call, expected, args.warmup, args.concurrency)
-        await sequential(call, expected, -(-args.warmup // 10))
-        elapsed, wrong_pool = await pool(call, expected, args.requests, args.concurrency)
-        samples, wrong_seq = await sequential(call, expected, args.latency)
+        result = await measure("py", call, expected, args)
     finally:
         await client.close()
-    result = {
-        "impl": "py",
-        "transport": args.transport,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "warmup": args.warmup,
-        "elapsed_s": elapsed,
-        "throughput_rps": args.requests / elapsed,
-        "latency_ns": samples,
-        "errors": wrong_pool + wrong_seq,
-        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        # Where it was allowed to run: shows that the orchestrator's pinning took.
-        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
     print(json.dumps(result, separators=(",", ":")), flush=True)
     return 0
 
