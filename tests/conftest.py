@@ -22,39 +22,51 @@ from nestpy_mini import (
 from nestpy_mini.dev import brokers
 
 Serve = Callable[..., Awaitable[NestMicroservice]]
+Apps = Callable[[Any, Transport, dict[str, Any]], Awaitable[NestMicroservice]]
+Clients = Callable[[Transport, dict[str, Any]], ClientProxy]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """Start a module as a TCP microservice on a free port; closed at teardown."""
-    apps: list[NestMicroservice] = []
+async def apps() -> AsyncIterator[Apps]:
+    """Start a module over a transport with these options; every app is closed at teardown."""
+    started: list[NestMicroservice] = []
 
-    async def start(module: Any, **options: Any) -> NestMicroservice:
-        app = await NestFactory.create_microservice(
-            module, transport=Transport.TCP, options={"port": 0, **options}
-        )
+    async def start(module: Any, transport: Transport, options: dict[str, Any]) -> NestMicroservice:
+        app = await NestFactory.create_microservice(module, transport=transport, options=options)
         await app.start()
-        apps.append(app)
+        started.append(app)
         return app
 
     yield start
-    for app in apps:
+    for app in started:
         await app.close()
 
 
 @pytest.fixture
-async def tcp_client() -> AsyncIterator[Callable[..., ClientProxy]]:
-    """Make clients for a port; all are closed at teardown."""
-    clients: list[ClientProxy] = []
+async def clients() -> AsyncIterator[Clients]:
+    """Make a client for a transport with these options; all are closed at teardown."""
+    made: list[ClientProxy] = []
 
-    def make(port: int, **options: Any) -> ClientProxy:
-        client = ClientProxyFactory.create(Transport.TCP, {"port": port, **options})
-        clients.append(client)
+    def make(transport: Transport, options: dict[str, Any]) -> ClientProxy:
+        client = ClientProxyFactory.create(transport, options)
+        made.append(client)
         return client
 
     yield make
-    for client in clients:
+    for client in made:
         await client.close()
+
+
+@pytest.fixture
+def serve(apps: Apps) -> Serve:
+    """Start a module as a TCP microservice on a free port."""
+    return lambda module, **options: apps(module, Transport.TCP, {"port": 0, **options})
+
+
+@pytest.fixture
+def tcp_client(clients: Clients) -> Callable[..., ClientProxy]:
+    """Make clients for a port."""
+    return lambda port, **options: clients(Transport.TCP, {"port": port, **options})
 
 
 async def wait_until(predicate: Callable[[], bool], within: float = 3.0) -> None:

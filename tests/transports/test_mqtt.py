@@ -16,18 +16,16 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from conftest import wait_until
+from conftest import Apps, Clients, wait_until
 from support.apps import (
     shared_handlers,
 )
 
 from nestpy_mini import (
-    ClientProxyFactory,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
-    NestFactory,
     NestMicroservice,
     Transport,
 )
@@ -130,36 +128,20 @@ def url(broker_url: Callable[[str], str]) -> str:
 
 
 @pytest.fixture
-async def start_server(url: str) -> AsyncIterator[StartServer]:
-    """Start AppModule as an MQTT microservice; closed at teardown."""
-    apps: list[NestMicroservice] = []
-
-    async def start(**options: Any) -> NestMicroservice:
-        app = await NestFactory.create_microservice(
-            AppModule, transport=Transport.MQTT, options={"url": url, "close_grace": 0.2, **options}
-        )
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        await app.close()
+def start_server(apps: Apps, url: str) -> StartServer:
+    """Start AppModule as an MQTT microservice."""
+    options = {"url": url, "close_grace": 0.2}
+    return lambda **more: apps(AppModule, Transport.MQTT, {**options, **more})
 
 
 @pytest.fixture
-async def make_client(url: str) -> AsyncIterator[MakeClient]:
-    clients: list[MqttClient] = []
-
-    def make(**options: Any) -> MqttClient:
-        client = ClientProxyFactory.create(Transport.MQTT, {"url": url, "timeout": 2, **options})
+def make_client(clients: Clients, url: str) -> MakeClient:
+    def make(**more: Any) -> MqttClient:
+        client = clients(Transport.MQTT, {"url": url, "timeout": 2, **more})
         assert isinstance(client, MqttClient)
-        clients.append(client)
         return client
 
-    yield make
-    for client in clients:
-        await client.close()
+    return make
 
 
 @pytest.fixture

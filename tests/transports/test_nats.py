@@ -12,20 +12,17 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import wait_until
+from conftest import Apps, Clients, wait_until
 from support.apps import (
     shared_handlers,
 )
 
 from nestpy_mini import (
     ClientProxy,
-    ClientProxyFactory,
     Controller,
     EventPattern,
     MessagePattern,
     Module,
-    NestFactory,
-    NestMicroservice,
     RpcError,
     Transport,
 )
@@ -115,39 +112,15 @@ def url(broker_url: Callable[[str], str]) -> str:
 
 
 @pytest.fixture
-async def start(url: str) -> AsyncIterator[Callable[..., Any]]:
-    """Start a module as a NATS microservice; every app is closed at teardown."""
-    apps: list[NestMicroservice] = []
-
-    async def run(module: Any = AppModule, **options: Any) -> NestMicroservice:
-        app = await NestFactory.create_microservice(
-            module,
-            transport=Transport.NATS,
-            options={"servers": url, "close_grace": 0.2, **options},
-        )
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield run
-    for app in apps:
-        await app.close()
+def start(apps: Apps, url: str) -> Callable[..., Any]:
+    """Start a module as a NATS microservice."""
+    options = {"servers": url, "close_grace": 0.2}
+    return lambda module=AppModule, **more: apps(module, Transport.NATS, {**options, **more})
 
 
 @pytest.fixture
-async def make_client(url: str) -> AsyncIterator[Callable[..., ClientProxy]]:
-    clients: list[ClientProxy] = []
-
-    def make(**options: Any) -> ClientProxy:
-        client = ClientProxyFactory.create(
-            Transport.NATS, {"servers": url, "timeout": 2, **options}
-        )
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
+def make_client(clients: Clients, url: str) -> Callable[..., ClientProxy]:
+    return lambda **more: clients(Transport.NATS, {"servers": url, "timeout": 2, **more})
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import wait_until
+from conftest import Apps, Clients, wait_until
 from redis.asyncio import Redis
 from support.apps import (
     shared_handlers,
@@ -23,7 +23,6 @@ from support.apps import (
 
 from nestpy_mini import (
     ClientProxy,
-    ClientProxyFactory,
     Controller,
     EventPattern,
     MessagePattern,
@@ -116,35 +115,15 @@ def url(broker_url: Callable[[str], str]) -> str:
 
 
 @pytest.fixture
-async def start(url: str) -> AsyncIterator[Start]:
-    """Start a module as a Redis microservice; closed at teardown."""
-    apps: list[NestMicroservice] = []
-
-    async def run(module: Any = AppModule, **options: Any) -> NestMicroservice:
-        app = await NestFactory.create_microservice(
-            module, transport=Transport.REDIS, options={"url": url, "close_grace": 0.2, **options}
-        )
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield run
-    for app in apps:
-        await app.close()
+def start(apps: Apps, url: str) -> Start:
+    """Start a module as a Redis microservice."""
+    options = {"url": url, "close_grace": 0.2}
+    return lambda module=AppModule, **more: apps(module, Transport.REDIS, {**options, **more})
 
 
 @pytest.fixture
-async def make_client(url: str) -> AsyncIterator[MakeClient]:
-    clients: list[ClientProxy] = []
-
-    def make(**options: Any) -> ClientProxy:
-        client = ClientProxyFactory.create(Transport.REDIS, {"url": url, "timeout": 2, **options})
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
+def make_client(clients: Clients, url: str) -> MakeClient:
+    return lambda **more: clients(Transport.REDIS, {"url": url, "timeout": 2, **more})
 
 
 @pytest.fixture
