@@ -16,7 +16,13 @@ import 'reflect-metadata';
 import { Controller, Module } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { MessagePattern } from '@nestjs/microservices';
-import { benchPattern, benchTransportOptions, parseArgs, StderrLogger } from './common.mjs';
+import {
+  benchPattern,
+  benchTransportOptions,
+  listenAndAnnounce,
+  parseArgs,
+  StderrLogger,
+} from './common.mjs';
 
 const args = parseArgs(process.argv.slice(2));
 const { transport, options, kind } = benchTransportOptions(args);
@@ -59,14 +65,7 @@ async function main() {
   process.stdin.on('error', shutdown);
   process.stdin.resume();
 
-  await app.listen();
-
-  let port = 0;
-  if (kind === 'tcp') {
-    const address = app.unwrap().address();
-    port = address && typeof address === 'object' ? address.port : 0;
-  }
-  process.stdout.write(`READY ${port}\n`);
+  await listenAndAnnounce(app, kind);
 }
 
 main().catch(err => {

@@ -203,3 +203,17 @@ function safeJson(value) {
     return String(value);
   }
 }
+
+/**
+ * Serve, then tell the parent process on stdout: exactly one line, "READY <port>"
+ * (the bound port for TCP, 0 for brokers), which the Python side waits for.
+ */
+export async function listenAndAnnounce(app, kind) {
+  await app.listen();
+  let port = 0;
+  if (kind === 'tcp') {
+    const address = app.unwrap().address();
+    port = address && typeof address === 'object' ? address.port : 0;
+  }
+  process.stdout.write(`READY ${port}\n`);
+}

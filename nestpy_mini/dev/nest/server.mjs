@@ -29,6 +29,7 @@ import { Observable, interval, map, take } from 'rxjs';
 import {
   buildTransportOptions,
   commandPattern,
+  listenAndAnnounce,
   parseArgs,
   StderrLogger,
 } from './common.mjs';
@@ -185,14 +186,7 @@ async function main() {
   process.stdin.on('error', () => shutdown('stdin error'));
   process.stdin.resume();
 
-  await app.listen();
-
-  let port = 0;
-  if (kind === 'tcp') {
-    const address = app.unwrap().address();
-    port = address && typeof address === 'object' ? address.port : 0;
-  }
-  process.stdout.write(`READY ${port}\n`);
+  await listenAndAnnounce(app, kind);
 }
 
 main().catch(err => {
