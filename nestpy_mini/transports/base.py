@@ -6,7 +6,8 @@
 * **Bounded waits** for connecting, subscribing and closing.
 * **Reconnecting**: one backoff policy (``BrokerServer._reconnect``, for Redis and MQTT,
   whose libraries do not reconnect) and the same two log lines everywhere.
-* **Reading and replying**: ``BrokerServer.read`` sorts a message, ``Reply`` writes replies.
+* **Reading and replying**: ``BrokerServer.read`` sorts a message, ``Reply`` writes replies,
+  ``Batch`` turns what one loop pass writes into one write.
 * **Contexts**: ``arg`` and ``pattern_text`` read them as Nest's do, for TCP's as well.
 """
 
@@ -72,6 +73,45 @@ def pattern_text(pattern: Any) -> str:
     return pattern if isinstance(pattern, str) else dumps(pattern)
 
 
+class Batch:
+    """Gathers what one pass of the event loop writes, and hands it to ``write`` as one list.
+
+    With 100 requests in flight a server answers dozens per pass; written one by one,
+    each costs its library's bookkeeping and a syscall.  The flush is a ``call_soon``,
+    which runs after every callback already due, so the whole pass is in it.  ``write``
+    returns None when done, or an awaitable (a full queue): later items wait for it, in order.
+    """
+
+    __slots__ = ("_due", "_waiting", "items", "write")
+
+    def __init__(self, write: Callable[[list[Any]], Awaitable[None] | None]) -> None:
+        self.write, self.items = write, []
+        self._due = False
+        self._waiting: asyncio.Future[None] | None = None
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+        if not self._due and self._waiting is None:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._due = False
+        if self._waiting is not None or not self.items:
+            return
+        items, self.items = self.items, []
+        written = self.write(items)
+        if written is not None:
+            self._waiting = asyncio.ensure_future(written)
+            self._waiting.add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[None]) -> None:
+        self._waiting = None
+        if not future.cancelled() and future.exception() is not None:
+            logging.getLogger("nestpy_mini").warning("a write failed: %r", future.exception())
+        self.flush()
+
+
 class Reply:
     """Writes the reply packets of one request to where its transport sends them.
 
@@ -92,7 +132,11 @@ class Reply:
         if self.held is not None:
             self.held.append(body)
             return None
-        return self.send(body)
+        try:
+            return self.send(body)
+        except ConnectionError as exc:  # the broker went away; the caller's timeout tells
+            logging.getLogger("nestpy_mini").warning("could not deliver a reply: %s", exc)
+            return None
 
     async def flush(self, log: logging.Logger) -> None:
         held, self.held = self.held, None

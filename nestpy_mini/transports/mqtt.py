@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -68,7 +67,9 @@ def publish_options(user_properties: dict[str, Any], options: dict[str, Any]) ->
     leaves out on 3.1.1) add the client's ``user_properties``, under its own, as Nest's."""
     given = dict(options.get("properties") or {})
     merged = {**user_properties, **(given.pop("user_properties", None) or {})}
-    props = Properties(PacketTypes.PUBLISH)  # empty, it is the same byte as none
+    if not given and not merged:
+        return int(options.get("qos", 0)), bool(options.get("retain")), None
+    props = Properties(PacketTypes.PUBLISH)
     for key, value in given.items():  # content_type -> ContentType
         setattr(props, "".join(part.capitalize() for part in key.split("_")), value)
     if merged:
@@ -106,9 +107,53 @@ def match_topic(pattern: str, topic: str) -> bool:
     return len(levels) == len(topic_levels)
 
 
+def encode_publish(topic: bytes, body: bytes, retain: bool, v5: bool) -> bytes:
+    """A QoS 0 PUBLISH (MQTT 3.1.1 and 5.0, section 3.3): no packet id; in MQTT 5 no properties."""
+    rest, length = len(topic) + 2 + v5 + len(body), bytearray()
+    while True:  # the remaining length, 7 bits a byte, low first
+        rest, byte = rest >> 7, rest & 0x7F
+        length.append(byte | 0x80 if rest else byte)
+        if not rest:
+            return b"".join((bytes((0x30 | retain,)), length, len(topic).to_bytes(2, "big"),
+                             topic, b"\0" if v5 else b"", body))
+
+
+class _ReadAhead:
+    """paho's socket, read 64 KiB at a time.  paho reads a packet in three ``recv`` calls,
+    and one packet each time the socket is readable; ``pending()``, the hook aiomqtt has
+    for TLS, makes it read on while bytes wait here.  Measured with the batch (``_Link``)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.buffer, self.at = sock, b"", 0
+
+    def __getattr__(self, name: str) -> Any:  # send, fileno, close ... as the socket's
+        return getattr(self.sock, name)
+
+    def recv(self, size: int) -> bytes:
+        if self.at == len(self.buffer):
+            self.buffer, self.at = self.sock.recv(max(size, 65536)), 0
+        chunk = self.buffer[self.at:self.at + size]
+        self.at += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        more = self.sock.pending() if hasattr(self.sock, "pending") else 0
+        return len(self.buffer) - self.at + more
+
+
 class _Link:
     """One connection, read by a task until it ends; ``on_lost`` hears of an end ``close``
-    did not cause.  aiomqtt's public API throughout; ``_FastLink`` below is the fast path."""
+    did not cause.
+
+    Three seams under aiomqtt, for speed.  The ``queue_type`` aiomqtt takes hands each
+    message over as paho decodes it (``messages`` costs a task per message).  paho reads
+    through ``_ReadAhead``.  A QoS 0 request or reply is encoded here, and a loop pass's
+    worth goes to paho as one entry of its out-queue (``_out_packet``), written by paho's
+    public ``loop_write``: paho's ``publish`` costs, for each message, an ``MQTTMessageInfo``,
+    a byte to its socketpair, a ``send`` and aiomqtt's ``on_publish``.  A nestpy_mini pair on
+    a private Mosquitto, 100 in flight: 4,240-4,540 req/s through aiomqtt's API alone;
+    6,600-7,700 with the handoff and paho's ``publish``; 13,500-15,400 with all three (2
+    interleaved runs each, 2026-12-06).  The rest is aiomqtt's API."""
 
     def __init__(self, side: Any, on_message: Callable[[aiomqtt.Message], None],
                  on_lost: Callable[[BaseException], None]) -> None:
@@ -119,7 +164,7 @@ class _Link:
         tls: ssl.SSLContext | None = options.get("ssl")
         if tls is None and url.scheme in ("mqtts", "ssl", "tls"):
             tls = ssl.create_default_context()
-        version = int(options.get("protocol_version", 4))  # 4: MQTT 3.1.1, as mqtt.js
+        self.version = int(options.get("protocol_version", 4))  # 4: MQTT 3.1.1, as mqtt.js
         self.client = aiomqtt.Client(
             url.hostname or "127.0.0.1",
             url.port or (8883 if tls else 1883),
@@ -128,18 +173,25 @@ class _Link:
             # A fresh id per connection, as mqtt.js makes one: two connections
             # with one id would keep pushing each other off the broker.
             identifier=options.get("client_id") or f"nestpy_{secrets.token_hex(6)}",
-            protocol=aiomqtt.ProtocolVersion(version),
-            clean_session=None if version == 5 else bool(options.get("clean", True)),
+            protocol=aiomqtt.ProtocolVersion(self.version),
+            clean_session=None if self.version == 5 else bool(options.get("clean", True)),
             keepalive=int(options.get("keepalive", 60)),  # s, as mqtt.js
             timeout=side.connect_timeout,  # of each CONNACK, SUBACK, PUBACK and close
-            tls_context=tls, logger=logger, queue_type=self._queue_type(),
+            tls_context=tls, logger=logger, queue_type=self._handoff(),
         )
         self.client.pending_calls_threshold = sys.maxsize  # else a warning each busy second
         self.closed = False  # by close(), or by the broker
         self._reader: asyncio.Task[None] | None = None  # once connected
+        self._batch = base.Batch(self._write)
 
-    def _queue_type(self) -> Any:
-        return None  # aiomqtt's own queue, which ``_read`` empties
+    def _handoff(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        deliver = self.deliver
+
+        class Handoff(asyncio.Queue[aiomqtt.Message]):  # aiomqtt calls only put_nowait
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                deliver(item)
+
+        return Handoff
 
     async def open(self, topics: list[tuple[str, int]]) -> None:
         """Connect, then subscribe ``topics``: paho bounds the TCP connect, aiomqtt each answer."""
@@ -151,14 +203,16 @@ class _Link:
         except BaseException:  # given up on (a timeout): closed if it connects after all
             entering.add_done_callback(self._close_late)
             raise
+        paho_client = self.client._client
+        paho_client._sock = _ReadAhead(paho_client._sock)
         self._reader = asyncio.ensure_future(self._read())
         if topics:
             await self.subscribe(topics)
 
     async def _read(self) -> None:
         try:
-            async for message in self.client.messages:
-                self.deliver(message)
+            async for _ in self.client.messages:  # each went to deliver(); this hears the end
+                pass
         except aiomqtt.MqttError as exc:
             if not self.closed:
                 self.closed = True
@@ -180,14 +234,28 @@ class _Link:
 
     async def publish(self, topic: str, body: bytes, how: How = (0, False, None)) -> None:
         """Publish; return once written (QoS 0) or acknowledged, as Nest's emit resolves."""
+        self._batch.flush()  # what was sent before goes first
         try:
             await self.client.publish(topic, body, *how, timeout=self.side.connect_timeout)
         except aiomqtt.MqttError as exc:
             raise ConnectionError(f"could not publish to {topic!r}: {exc}") from exc
 
     def send(self, topic: str, body: bytes, how: How = (0, False, None)) -> Awaitable[None] | None:
-        """Publish a request or a reply: None when done at once, else an awaitable."""
-        return self.publish(topic, body, how)
+        """Publish a request or a reply: None when queued at once (QoS 0), else an awaitable.
+        A topic paho would refuse (a wildcard, too long) goes to paho, which says why."""
+        name = topic.encode()
+        if how[0] or how[2] or "+" in topic or "#" in topic or not 0 < len(name) < 65536:
+            return self.publish(topic, body, how)
+        if not self.client._client.is_connected():
+            raise ConnectionError(f"could not publish to {topic!r}: not connected")
+        self._batch.add(encode_publish(name, body, how[1], self.version == 5))
+        return None
+
+    def _write(self, packets: list[bytes]) -> None:
+        data, paho_client = b"".join(packets), self.client._client
+        paho_client._out_packet.append({"command": 0, "mid": 0, "qos": 0, "pos": 0,
+                                        "to_process": len(data), "packet": data, "info": None})
+        paho_client.loop_write()  # what the socket does not take now, paho writes when it can
 
     async def close(self) -> None:
         self.closed = True
@@ -200,38 +268,6 @@ class _Link:
             closing = base.quietly(self.client.__aexit__(None, None, None), logger, "closing")
             _closing.add(task := asyncio.ensure_future(closing))
             task.add_done_callback(_closing.discard)
-
-
-class _FastLink(_Link):
-    """The fast path's seam: a message read, and a QoS 0 request or reply written, with no task.
-
-    aiomqtt's ``messages`` costs a task per message, and ``publish`` a task and an event.
-    Here the ``queue_type`` aiomqtt takes hands each message over as paho decodes it
-    (``_read`` then only waits for the end), and QoS 0 goes straight to paho through
-    aiomqtt's private ``_client``.  A nestpy_mini pair on this machine's Mosquitto, 100
-    requests in flight, 4 runs: 4,240-4,540 req/s plain, 5,450-6,400 with the handoff
-    only, 5,310-6,270 with the publish only, 9,290-10,250 with both (1459b97: 9,500-10,800).
-    """
-
-    def _queue_type(self) -> Any:
-        deliver = self.deliver
-
-        class Handoff(asyncio.Queue[aiomqtt.Message]):  # aiomqtt calls only put_nowait
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                deliver(item)
-
-        return Handoff
-
-    def send(self, topic: str, body: bytes, how: How = (0, False, None)) -> Awaitable[None] | None:
-        if how[0]:
-            return self.publish(topic, body, how)
-        info = self.client._client.publish(topic, body, 0, how[1], how[2])
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise ConnectionError(f"could not publish to {topic!r}: {paho.error_string(info.rc)}")
-        return None
-
-
-CONNECTION: type[_Link] = _FastLink
 
 
 class MqttServer(base.BrokerServer):
@@ -252,7 +288,7 @@ class MqttServer(base.BrokerServer):
         for route in self.patterns:  # one filter per route, at its handler's QoS, as Nest's
             handler = self.message_handlers.get(route) or self.event_handlers[route][0]
             table.setdefault(route, int(handler.extras.get("qos", so.get("qos", 0))))
-        self._link = CONNECTION(self, self._on_message, self._lost)  # only the newest can end
+        self._link = _Link(self, self._on_message, self._lost)  # only the newest can end
         await self._link.open(list(table.items()))
 
     def _on_message(self, message: aiomqtt.Message) -> None:
@@ -269,11 +305,7 @@ class MqttServer(base.BrokerServer):
         self.dispatch(incoming, route, MqttContext((topic, message)), reply)
 
     def _send_reply(self, topic: str, body: bytes) -> Awaitable[None] | None:  # QoS 0, as Nest's
-        try:
-            return self._link.send(topic, body)  # type: ignore[union-attr]
-        except ConnectionError as exc:
-            self.logger.warning("could not deliver a reply on %.200r: %s", topic, exc)
-            return None
+        return self._link.send(topic, body)  # type: ignore[union-attr]
 
     async def _stop_taking(self) -> None:
         if self._link is not None:  # a $share group's other members take what comes now
@@ -307,7 +339,7 @@ class MqttClient(base.BrokerClient):
     async def _connect(self) -> None:
         self._replies.clear()
         on_message = lambda message: self._on_body(message.payload)  # noqa: E731 (replies only)
-        self._link = CONNECTION(self, on_message, self._lost)
+        self._link = _Link(self, on_message, self._lost)
         await self._link.open([])
 
     def _lost(self, cause: BaseException) -> None:  # only the newest link can end

@@ -46,6 +46,10 @@ class ContractController(shared_handlers(name, name)):
         calls.append("sum")
         return sum(data or [])
 
+    @MessagePattern(name("length"))
+    def length(self, data: str) -> int:
+        return len(data)
+
     @EventPattern(name("created"))
     def created(self, data: Any) -> None:
         events.append(("first", data))
@@ -164,6 +168,16 @@ async def test_fifty_concurrent_sends_each_get_their_own_reply(
 ) -> None:
     replies = await asyncio.gather(*(client.send(name("sum"), [i, i]) for i in range(50)))
     assert replies == [kit.value(2 * i) for i in range(50)]
+
+
+async def test_large_messages_among_small_ones_arrive_whole(
+    kit: Kit, client: ClientProxy
+) -> None:
+    """300 KB is more than one read of the MQTT socket (64 KiB) and than one AMQP frame
+    (128 KiB): each side must put a message together from pieces, in flight with others."""
+    sizes = [300_000 + i if i % 10 == 0 else i for i in range(40)]
+    replies = await asyncio.gather(*(client.send(name("length"), "x" * n) for n in sizes))
+    assert replies == [kit.value(n) for n in sizes]
 
 
 async def test_non_ascii_data_round_trips(kit: Kit, client: ClientProxy) -> None:

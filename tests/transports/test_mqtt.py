@@ -35,6 +35,7 @@ from nestpy_mini.transports.mqtt import (
     MqttContext,
     MqttRecordBuilder,
     MqttServer,
+    encode_publish,
     match_topic,
     strip_shared_prefix,
 )
@@ -333,3 +334,45 @@ async def test_event_body_carries_the_raw_pattern_as_nest_does(
             assert json.loads(message.payload) == {"pattern": pattern, "data": {"x": 1}}
             assert message.payload.startswith(b'{"pattern":{"t":')
             break
+
+
+def _packets(data: bytes) -> list[bytes]:
+    """MQTT packets, whole, from a byte stream: each is a type byte, a varint length, a body."""
+    out, at = [], 0
+    while at < len(data):
+        length, shift, i = 0, 0, at + 1
+        while True:
+            length |= (data[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not data[i - 1] & 0x80:
+                break
+        out.append(data[at:i + length])
+        at = i + length
+    return out
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_a_qos0_publish_is_encoded_as_paho_encodes_it(version: int) -> None:
+    """The fast path writes PUBLISH itself: its bytes must be paho's, byte for byte,
+    across the remaining length's 1-, 2- and 3-byte forms, with and without retain."""
+    heard, gone = bytearray(), asyncio.get_running_loop().create_future()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x20\x02\x00\x00" if version == 4 else b"\x20\x03\x00\x00\x00")
+        while chunk := await reader.read(65536):
+            heard.extend(chunk)
+        writer.close()
+        gone.set_result(None)
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cases = [("a/b", b"x" * n, retain) for n in (0, 100, 200, 20_000) for retain in (False, True)]
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion(version)) as c:
+        for topic, body, retain in cases:
+            await c.publish(topic, body, qos=0, retain=retain)
+        await wait_until(lambda: len(_packets(bytes(heard))) >= 1 + len(cases))
+    await gone
+    server.close()
+    await server.wait_closed()
+    expected = [encode_publish(t.encode(), b, r, version == 5) for t, b, r in cases]
+    assert _packets(bytes(heard))[1:1 + len(cases)] == expected  # after CONNECT, before DISCONNECT
