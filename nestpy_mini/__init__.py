@@ -4,7 +4,14 @@ The public API is everything in ``__all__``; the rest is internal.  Nothing here
 process: brokers and tools live in ``nestpy_mini.dev``.
 """
 
-from .app import ClientProxyFactory, ClientsModule, NestApplication, NestFactory, NestMicroservice
+from .app import (
+    ClientProxyFactory,
+    ClientsModule,
+    NestApplication,
+    NestFactory,
+    NestMicroservice,
+    run,
+)
 from .client import ClientProxy, Observable, Subscription
 from .decorators import (
     Controller,
@@ -55,4 +62,5 @@ __all__ = [
     "Subscription",
     "Transport",
     "WiringError",
+    "run",
 ]

@@ -12,9 +12,16 @@ then call it from another terminal:
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-from nestpy_mini import Controller, EventPattern, MessagePattern, Module, NestFactory, Transport
+from nestpy_mini import (
+    Controller,
+    EventPattern,
+    MessagePattern,
+    Module,
+    NestFactory,
+    Transport,
+    run,
+)
 
 
 @Controller()
@@ -48,4 +55,4 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3001)
     args = parser.parse_args()
-    asyncio.run(bootstrap(args.host, args.port))
+    run(bootstrap(args.host, args.port))  # on uvloop where it is installed

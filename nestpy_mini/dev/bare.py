@@ -1,6 +1,6 @@
 """The limit: a request-reply pair with no framework at all, for the benchmark.
 
-    python nestpy_mini/dev/bare.py serve --port 0       # prints READY <port>
+    python nestpy_mini/dev/bare.py serve --port 0       # prints READY <port> <loop>
     python nestpy_mini/dev/bare.py client --port N      # prints one JSON line
     python nestpy_mini/dev/bare.py serve --transport nats --url nats://127.0.0.1:4222
 
@@ -23,7 +23,8 @@ by its path (``python .../bare.py``), not as ``nestpy_mini.dev.bare``: that woul
 import the ``nestpy_mini`` package first, and the bare server's memory and start
 would include the framework's.  For the same reason the phases every client runs
 (``pool``, ``sequential``) and the end-of-stdin watch of every server live here,
-and ``bench.py`` imports them: one copy, timed alike on every side.
+and ``bench.py`` imports them: one copy, timed alike on every side.  ``run`` and
+``loop_name`` are ``nestpy_mini.run`` and ``nestpy_mini.app.loop_name`` again, short.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 PATTERN = {"cmd": "sum"}
@@ -46,6 +47,25 @@ REQUESTS, CONCURRENCY, LATENCY, WARMUP, READY_TIMEOUT = 20_000, 100, 2_000, 5_00
 
 
 # --- what every side of the benchmark shares -------------------------------------
+
+
+def run(main: Coroutine[Any, Any, int], loop: str) -> int:
+    """Run ``main`` on the loop a service of the same ``loop`` (and NESTPY_LOOP) would get."""
+    loop = (os.environ.get("NESTPY_LOOP") or loop) if loop == "auto" else loop
+    if loop != "asyncio":
+        try:
+            import uvloop  # optional: the 'fast' extra
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def loop_name() -> str:
+    """The running loop's package, "uvloop" or "asyncio", as each side reports it."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 async def pool(
@@ -96,6 +116,7 @@ async def measure(
     return {
         "impl": impl,
         "transport": args.transport,
+        "loop": loop_name(),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "warmup": args.warmup,
@@ -304,7 +325,7 @@ async def serve(args: argparse.Namespace) -> int:
         async def close() -> None:
             server.close()
 
-    print(f"READY {port}", flush=True)
+    print(f"READY {port} {loop_name()}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -362,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--url", default="nats://127.0.0.1:4222", help="the NATS server")
         cmd.add_argument("--host", default="127.0.0.1")
         cmd.add_argument("--port", type=int, default=0)
-        cmd.add_argument("--uvloop", action="store_true", help="run on uvloop")
+        cmd.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
         if name == "client":
             cmd.add_argument("--requests", type=int, default=REQUESTS)
             cmd.add_argument("--concurrency", type=int, default=CONCURRENCY)
@@ -370,13 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--warmup", type=int, default=WARMUP)
             cmd.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT)
     args = parser.parse_args(argv)
-    run = asyncio.run
-    if args.uvloop:
-        import uvloop  # optional: the 'fast' extra
-
-        run = uvloop.run
     try:
-        return run(serve(args) if args.command == "serve" else client(args))
+        return run(serve(args) if args.command == "serve" else client(args), args.loop)
     except (OSError, TimeoutError, RuntimeError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
     python -m nestpy_mini.dev bench                  # 3 interleaved rounds, tcp,redis,nats
     python -m nestpy_mini.dev bench --transports all --rounds 1   # + mqtt,rmq,kafka
     python -m nestpy_mini.dev bench --quick --transports tcp --save results.json
-    python -m nestpy_mini.dev.bench serve --transport tcp --port 0   # prints READY <port>
+    python -m nestpy_mini.dev.bench serve --transport tcp --port 0   # prints READY <port> <loop>
     python -m nestpy_mini.dev.bench client --transport tcp --port N  # prints one JSON line
 
 Four pairs (client -> server) per transport: (a) NestJS -> NestJS,
@@ -15,6 +15,10 @@ event loop.  Both clients run the same phases (``bare.pool`` and
 over one client instance, then sequential round trips.  Rounds are
 interleaved, so machine noise lands on every pair alike, and the order of
 the pairs rotates each round.
+
+The Python sides run on ``nestpy_mini.run`` with ``--loop`` (default "auto":
+uvloop where it imports, unless NESTPY_LOOP says otherwise), so they get the
+loop a user's standalone service gets, and each reports the loop it ran on.
 
 Over TCP and NATS a fifth row, (e), is the limit: a bare asyncio server and
 client with no framework (``bare.py``), measured the same way; ``(b)/(e)``
@@ -48,7 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport
+from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport, run
+from ..app import LOOPS, loop_name
 from . import node
 from .bare import measure, on_stdin_end
 
@@ -166,7 +171,7 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     await app.start()
     port = getattr(app.server, "port", 0) if args.transport == "tcp" else 0
-    print(f"READY {port}", flush=True)
+    print(f"READY {port} {loop_name()}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,7 +319,7 @@ class Runner:
         urls: dict[str, str],
         cpus: tuple[int, int] | None,
     ) -> None:
-        self.loop_flag = ["--uvloop"] if args.uvloop else []
+        self.loop_flag = ["--loop", args.loop]
         self.args = args
         self.children = children
         self.urls = urls
@@ -345,7 +350,8 @@ class Runner:
 
     async def start_server(
         self, impl: str, transport: str, tag: str
-    ) -> tuple[asyncio.subprocess.Process, int]:
+    ) -> tuple[asyncio.subprocess.Process, int, str]:
+        """The server, its port, and the loop it reports (NestJS's reports none: Node's)."""
         endpoint = self._endpoint(transport, 0, tag)
         if impl == "nest":
             argv = [self.node, "bench_server.mjs", "--transport", transport, *endpoint]
@@ -375,7 +381,8 @@ class Runner:
             else:
                 how = f"exited with {proc.returncode}"
             raise PairFailed(f"{IMPL[impl]} server {how}: {self.children.stderr_tail(proc)}")
-        return proc, int(line.split()[1])
+        words = line.decode().split()
+        return proc, int(words[1]), words[2] if len(words) > 2 else "node"
 
     async def run_client(self, impl: str, transport: str, port: int, tag: str) -> dict[str, Any]:
         a = self.args
@@ -427,7 +434,7 @@ class Runner:
     async def run_pair(self, transport: str, pair: str, round_no: int) -> dict[str, Any]:
         client_impl, server_impl = SIDES[pair]
         tag = f"{round_no}.{pair}" if transport == "kafka" else f"{round_no}_{pair}"
-        server, port = await self.start_server(server_impl, transport, tag)
+        server, port, server_loop = await self.start_server(server_impl, transport, tag)
         try:
             result = await self.run_client(client_impl, transport, port, tag)
             rss, hwm = _memory_mb(server.pid)
@@ -447,6 +454,8 @@ class Runner:
             "server_peak_rss_mb": hwm,
             "client_peak_rss_mb": result.get("client_peak_rss_mb"),
             "client_cpus": result.get("cpus"),  # only nestpy_mini's client reports them
+            "client_loop": result.get("loop", "node"),  # measured in each Python process
+            "server_loop": server_loop,
         }
 
 
@@ -491,6 +500,15 @@ def _which(name: str) -> str | None:
     import shutil
 
     return shutil.which(name)
+
+
+def _uvloop_version() -> str | None:
+    """uvloop's version if it imports here (as the sides would import it), else None."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return str(uvloop.__version__)
 
 
 def nest_missing() -> str | None:
@@ -705,7 +723,9 @@ def summarize(raw: list[dict[str, Any]], transports: list[str]) -> dict[str, Any
             mine = [r for r in rows if r["pair"] == pair]
             if not mine:
                 continue
-            pairs[pair] = {"rounds": len(mine)}
+            pairs[pair] = {"rounds": len(mine), "loop": {}}
+            for side in ("client", "server"):  # "a+b" if a side's loop changed between rounds
+                pairs[pair]["loop"][side] = "+".join(sorted({r[f"{side}_loop"] for r in mine}))
             for key, _, _ in (*FIGURES, ("latency_mean_us", "", "")):
                 values = [r[key] for r in mine]
                 pairs[pair][key] = {
@@ -759,14 +779,16 @@ def report_lines(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     rounds = results["settings"]["rounds"]
     for transport, block in results["summary"].items():
-        head = ["pair (client -> server)"] + [f"{title} ({unit})" for _, title, unit in FIGURES]
+        head = ["pair (client -> server)", "loops"]
+        head += [f"{title} ({unit})" for _, title, unit in FIGURES]
         table = [head]
         bare = transport in results["settings"].get("bare", [])
         shown = [*results["settings"]["pairs"], *([BARE] if bare else [])]
         for pair in shown:
             stats = block["pairs"].get(pair)
+            loops = "/".join(stats["loop"].values()) if stats else ""
             table.append(
-                [_label(pair)]
+                [_label(pair), loops]
                 + [_cell(stats[key] if stats else None, unit) for key, _, unit in FIGURES]
             )
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -774,8 +796,8 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         spread = f"median (min-max) of {rounds} rounds" if rounds > 1 else "1 round"
         lines.append(f"{transport.upper()}  [{spread}]")
         for n, row in enumerate(table):
-            cells = [row[0].ljust(widths[0])] + [
-                c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [
+                c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)
             ]
             lines.append("  " + "   ".join(cells).rstrip())
             if n == 0:
@@ -824,8 +846,10 @@ def header_lines(results: dict[str, Any]) -> list[str]:
         f"machine:   {m['cpu']}, {m['cores']} cores, {m['platform']}",
         f"runtimes:  Python {m['python']}, Node {m['node']}, "
         f"@nestjs/microservices {m['nestjs_microservices']}; {code}",
-        "loop:      nestpy_mini sides on "
-        + ("uvloop" if m.get("uvloop") else "asyncio (the default)"),
+        f"loop:      Python sides on nestpy_mini.run(loop={s['loop']!r})"
+        + (f" with NESTPY_LOOP={s['nestpy_loop']}" if s.get("nestpy_loop") else "")
+        + (f", uvloop {m['uvloop']} installed" if m["uvloop"] else ", uvloop not installed")
+        + "; the loop each side ran on is in 'loops' (client/server)",
         "workload:  send({cmd:'sum'}, [1,2,3]) -> 6; server and client in separate processes",
         f"           warm-up: {s['warmup']:,} requests {s['concurrency']} in flight, "
         f"then {-(-s['warmup'] // 10):,} sequential",
@@ -906,12 +930,15 @@ async def orchestrate(args: argparse.Namespace) -> int:
     import tempfile
 
     began = time.monotonic()
-    if args.uvloop:
-        try:
-            import uvloop  # noqa: F401  (only checked here; each side imports its own)
-        except ImportError:
-            print("--uvloop needs uvloop: pip install 'nestpy-mini[fast]'", file=sys.stderr)
-            return 2
+    wanted = (os.environ.get("NESTPY_LOOP") or "auto") if args.loop == "auto" else args.loop
+    if wanted not in LOOPS:
+        print(f"NESTPY_LOOP={wanted}: choose one of {', '.join(LOOPS)}", file=sys.stderr)
+        return 2
+    if wanted == "uvloop" and _uvloop_version() is None:
+        said = "NESTPY_LOOP=uvloop" if args.loop == "auto" else "--loop uvloop"
+        said = "--uvloop" if args.uvloop else said
+        print(f"{said} needs uvloop: pip install 'nestpy-mini[fast]'", file=sys.stderr)
+        return 2
     why = nest_missing()
     if why:
         print(f"cannot benchmark against NestJS: {why}", file=sys.stderr)
@@ -934,7 +961,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         "schema": 1,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_before": _loadavg(),
-        "machine": {**await machine_info(), "uvloop": args.uvloop},
+        "machine": {**await machine_info(), "uvloop": _uvloop_version()},
         "settings": {
             "rounds": args.rounds,
             "requests": args.requests,
@@ -943,6 +970,10 @@ async def orchestrate(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "transports": transports,
             "pairs": args.pairs,
+            # What the Python sides were asked for; each row's client_loop and server_loop
+            # (and summary[t]["pairs"][p]["loop"]) say what they ran on.
+            "loop": args.loop,
+            "nestpy_loop": os.environ.get("NESTPY_LOOP"),
             # Where the bare asyncio pair (e) ran as well: summary[t]["pairs"]["e"].
             "bare": [t for t in transports if args.bare and t in BARE_TRANSPORTS],
             "quick": args.quick,
@@ -1055,7 +1086,7 @@ def _csv(allowed: tuple[str, ...]) -> Any:
 
 
 def _side_options(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--uvloop", action="store_true", help="run on uvloop (the 'fast' extra)")
+    cmd.add_argument("--loop", default="auto", choices=LOOPS, help="as nestpy_mini.run's")
     cmd.add_argument("--transport", default="tcp", choices=TRANSPORTS)
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=0, help="tcp port (serve: 0 picks a free one)")
@@ -1097,10 +1128,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", type=_csv(tuple(PAIRS)), default=list(PAIRS), help="e.g. a,b")
     parser.add_argument("--quick", action="store_true", help="2,000 requests, 1 round: for tests")
-    parser.add_argument(
+    loops = parser.add_mutually_exclusive_group()
+    loops.add_argument(
+        "--loop",
+        default="auto",
+        choices=LOOPS,
+        help="the Python sides' nestpy_mini.run(loop=...); default auto: uvloop where it "
+        "imports, as a standalone service, unless NESTPY_LOOP says otherwise",
+    )
+    loops.add_argument(
         "--uvloop",
         action="store_true",
-        help="run the nestpy_mini sides on uvloop (pip install 'nestpy-mini[fast]')",
+        help="--loop uvloop: fail unless uvloop is installed (pip install 'nestpy-mini[fast]')",
     )
     parser.add_argument(
         "--no-pin",
@@ -1125,7 +1164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pair-timeout", type=float, default=None, help="seconds one client may take"
     )
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="serve the {cmd:'sum'} module; prints READY <port>")
+    serve = sub.add_parser("serve", help="serve the {cmd:'sum'} module; prints READY <port> <loop>")
     _side_options(serve)
     client = sub.add_parser("client", help="measure one server; prints one JSON line")
     _side_options(client)
@@ -1136,6 +1175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     client.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT)
     args = parser.parse_args(argv)
     if args.command is None:
+        args.loop = "uvloop" if args.uvloop else args.loop
         preset = QUICK if args.quick else {}
         for name, default in (
             ("rounds", DEFAULT_ROUNDS),
@@ -1154,13 +1194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command in ("serve", "client"):
-        run = asyncio.run
-        if args.uvloop:
-            import uvloop  # optional: the 'fast' extra
-
-            run = uvloop.run
         try:
-            return run(_serve(args) if args.command == "serve" else _client(args))
+            side = _serve(args) if args.command == "serve" else _client(args)
+            return run(side, loop=args.loop)  # the loop a user's service gets
         except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

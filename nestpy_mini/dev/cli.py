@@ -3,18 +3,19 @@
 python -m nestpy_mini.dev serve notebooks.math_service:AppModule --port 3001
 python -m nestpy_mini.dev send --port 3001 '{"cmd": "sum"}' '[1, 2, 3]'
 python -m nestpy_mini.dev emit --transport redis user_created '{"userId": "42"}'
+
+Each runs on ``nestpy_mini.run``: on uvloop where it imports, unless NESTPY_LOOP=asyncio.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import sys
 from typing import Any
 
-from .. import ClientProxyFactory, NestFactory, RpcError, Transport
+from .. import ClientProxyFactory, NestFactory, RpcError, Transport, run
 from ..transports.tcp import DEFAULT_HOST, DEFAULT_PORT
 
 # The option that names a broker transport's brokers, as Nest names it (Kafka's is in "client").
@@ -86,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--timeout", type=float, help="seconds to wait for the service")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(_run(args))
+        run(_run(args))  # uvloop where it imports; NESTPY_LOOP=asyncio turns it off
         return 0
     except RpcError as exc:
         print(f"error: {json.dumps(exc.error, ensure_ascii=False)}", file=sys.stderr)
-    except (ConnectionError, TimeoutError, NotImplementedError, ModuleNotFoundError) as exc:
+    # ValueError and ModuleNotFoundError include a bad NESTPY_LOOP and a missing uvloop.
+    except (
+        ConnectionError,
+        TimeoutError,
+        NotImplementedError,
+        ModuleNotFoundError,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,19 +163,43 @@ def test_every_server_and_every_client_gets_its_own_cpu(
     assert all(row["client_cpus"] == [second] for row in py_clients)
 
 
-def test_uvloop_missing_is_one_clear_line_before_anything_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "env", "said"),
+    [
+        (["--uvloop"], {}, "--uvloop"),
+        (["--loop", "uvloop"], {}, "--loop uvloop"),
+        ([], {"NESTPY_LOOP": "uvloop"}, "NESTPY_LOOP=uvloop"),
+    ],
+)
+def test_uvloop_missing_is_one_clear_line_before_anything_starts(
+    tmp_path: Path, flags: list[str], env: dict[str, str], said: str
+) -> None:
     (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "nestpy_mini.dev", "bench", "--quick", "--uvloop"],
+        [sys.executable, "-m", "nestpy_mini.dev", "bench", "--quick", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": str(tmp_path), **env},
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "--uvloop needs uvloop: pip install 'nestpy-mini[fast]'"
+    assert proc.stderr.strip() == f"{said} needs uvloop: pip install 'nestpy-mini[fast]'"
     assert proc.stdout == ""  # no pair was started
+
+
+def test_each_side_reports_the_loop_it_ran_on(
+    quick_run: tuple[subprocess.CompletedProcess, dict],
+) -> None:
+    """By default the Python sides get what a standalone service gets: nestpy_mini.run's pick."""
+    proc, results = quick_run
+    expected = "asyncio" if os.environ.get("NESTPY_LOOP") == "asyncio" else "uvloop"
+    assert results["settings"]["loop"] == "auto"
+    py = {"nestpy_mini": expected, "bare asyncio": expected, "NestJS": "node"}
+    for row in results["raw"]:
+        assert (row["client_loop"], row["server_loop"]) == (py[row["client"]], py[row["server"]])
+    assert results["summary"]["tcp"]["pairs"]["c"]["loop"] == {"client": "node", "server": expected}
+    assert re.search(rf"\(c\) NestJS -> nestpy_mini +node/{expected} ", proc.stdout)
 
 
 def test_results_are_written_only_where_asked(

@@ -89,3 +89,18 @@ def test_a_broker_transport_is_addressed_by_its_url_never_by_the_tcp_port(
     finally:
         service.terminate()
         service.communicate(timeout=10)
+
+
+def test_cli_runs_on_nestpy_mini_run(tmp_path: Path) -> None:
+    """NESTPY_LOOP reaches the CLI: asking for a missing uvloop is one line, before any connect."""
+    (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "nestpy_mini.dev", "send", '{"cmd": "sum"}', "[1]"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "NESTPY_LOOP": "uvloop"},
+    )
+    assert result.returncode == 1
+    assert result.stderr == "error: loop='uvloop' needs uvloop: pip install 'nestpy-mini[fast]'\n"
