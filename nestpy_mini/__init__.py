@@ -27,6 +27,7 @@ from .decorators import (
 from .exceptions import (
     ConnectionClosedError,
     InvalidMessageError,
+    NoRespondersError,
     RequestTimeoutError,
     RpcError,
     RpcException,
@@ -53,6 +54,7 @@ __all__ = [
     "NestApplication",
     "NestFactory",
     "NestMicroservice",
+    "NoRespondersError",
     "Observable",
     "Payload",
     "RequestTimeoutError",

@@ -37,6 +37,14 @@ class RequestTimeoutError(TimeoutError):
     """No reply (or no next value of a stream) arrived within the timeout."""
 
 
+class NoRespondersError(RpcError, ConnectionError):
+    """The broker said at once that nobody subscribes to the request's channel, so no reply
+    can come: NATS's "no responders", a Redis ``PUBLISH`` that reached no subscriber, an
+    MQTT 5 ``PUBACK`` "No matching subscribers".  ``error`` is the text Nest's NATS client
+    gives (its ``EmptyResponseException``), with the channel's name; ``except RpcError``, as
+    for NATS in Nest, and ``except ConnectionError`` both catch it."""
+
+
 class ConnectionClosedError(ConnectionError):
     """The connection went away while a request was waiting for its reply."""
 

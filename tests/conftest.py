@@ -117,7 +117,8 @@ _rabbit: PrivateRabbit | None = None
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _rabbit
-    restarts = ("test_rmq.py::test_broker_restart", "test_the_broker_goes_away_and_comes_back[RMQ]")
+    restarts = ("test_rmq.py::test_broker_restart", "test_the_broker_goes_away_and_comes_back[RMQ]",
+                "test_restart_under_load.py::test_a_broker_restart_under_load")
     wanted = any(i.nodeid.endswith(restarts) for i in session.items)
     if wanted and rabbit_missing() is None:
         _rabbit = PrivateRabbit()

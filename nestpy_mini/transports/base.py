@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..client import ClientProxy
-from ..packets import Incoming, dumps, loads, read_incoming
+from ..exceptions import NoRespondersError
+from ..packets import EMPTY_RESPONSE, Incoming, dumps, loads, read_incoming
+from ..patterns import normalize_pattern
 from ..server import BaseRpcContext, Server
 from . import describe, unreachable
 
@@ -271,9 +273,19 @@ class BrokerClient(ClientProxy):
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.urls: list[str] = []
+        # False: wait for the reply (or the timeout) even where the broker says nobody
+        # subscribes; for Redis Cluster, whose PUBLISH counts one node's subscribers only.
+        self.check_subscribers = bool(self.options.get("check_subscribers", True))
 
     def describe(self) -> str:
         return describe(self.kind, self.urls)
+
+    def _no_responders(self, msg_id: str) -> None:
+        """The broker said that nobody subscribes to request ``msg_id``'s channel: it fails
+        now, with the channel's name, instead of waiting out its timeout for nothing."""
+        call = self._routing.get(msg_id)
+        if call is not None and self.check_subscribers:
+            call.fail(NoRespondersError(EMPTY_RESPONSE.format(normalize_pattern(call.pattern))))
 
     def _cannot_connect(self, why: str) -> ConnectionError:
         return unreachable(self.kind, self.describe(), why)

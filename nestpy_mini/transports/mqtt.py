@@ -21,7 +21,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..packets import dumps
+from ..exceptions import NoRespondersError
+from ..packets import EMPTY_RESPONSE, dumps
 from ..patterns import normalize_pattern
 from ..server import LARGE_MESSAGE, BaseRpcContext
 from . import base, broker_urls
@@ -183,6 +184,9 @@ class _Link:
         self.closed = False  # by close(), or by the broker
         self._reader: asyncio.Task[None] | None = None  # once connected
         self._batch = base.Batch(self._write)
+        self._acks: dict[int, asyncio.Future[int]] = {}  # MQTT 5 QoS 1 and 2: by packet id
+        paho_client = self.client._client
+        paho_client.on_publish = partial(self._on_publish, paho_client.on_publish)
 
     def _handoff(self) -> type[asyncio.Queue[aiomqtt.Message]]:
         deliver = self.deliver
@@ -214,6 +218,9 @@ class _Link:
             async for _ in self.client.messages:  # each went to deliver(); this hears the end
                 pass
         except aiomqtt.MqttError as exc:
+            for ack in self._acks.values():  # no acknowledgement can come now
+                if not ack.done():
+                    ack.set_exception(ConnectionError(f"the connection was lost: {exc}"))
             if not self.closed:
                 self.closed = True
                 self.on_lost(exc.__cause__ or exc)
@@ -233,12 +240,35 @@ class _Link:
             raise ConnectionError(f"the broker refused to subscribe {refused}")
 
     async def publish(self, topic: str, body: bytes, how: How = (0, False, None)) -> None:
-        """Publish; return once written (QoS 0) or acknowledged, as Nest's emit resolves."""
+        """Publish; return once written (QoS 0) or acknowledged, as Nest's emit resolves.
+
+        An MQTT 5 broker's acknowledgement can say "No matching subscribers" (reason 16):
+        that raises ``NoRespondersError``.  aiomqtt's ``publish`` drops the reason, so QoS 1
+        and 2 on MQTT 5 go to paho, and ``_on_publish`` hands the reason back."""
         self._batch.flush()  # what was sent before goes first
         try:
-            await self.client.publish(topic, body, *how, timeout=self.side.connect_timeout)
+            if not how[0] or self.version != 5:
+                await self.client.publish(topic, body, *how, timeout=self.side.connect_timeout)
+                return
+            info = self.client._client.publish(topic, body, *how)
+            if info.rc:
+                raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+            self._acks[info.mid] = ack = asyncio.get_running_loop().create_future()
+            try:
+                reason = await base.within(ack, self.side.connect_timeout, f"publishing {topic!r}")
+            finally:
+                self._acks.pop(info.mid, None)
         except aiomqtt.MqttError as exc:
             raise ConnectionError(f"could not publish to {topic!r}: {exc}") from exc
+        if reason == 16:
+            raise NoRespondersError(EMPTY_RESPONSE.format(topic))
+
+    def _on_publish(self, aiomqtt_on_publish: Any, *args: Any) -> None:
+        """paho's ``on_publish(client, userdata, mid, reason, properties)``, then aiomqtt's."""
+        ack = self._acks.get(args[2])
+        if ack is not None and not ack.done():
+            ack.set_result(args[3].value)
+        aiomqtt_on_publish(*args)
 
     def send(self, topic: str, body: bytes, how: How = (0, False, None)) -> Awaitable[None] | None:
         """Publish a request or a reply: None when queued at once (QoS 0), else an awaitable.
@@ -367,12 +397,18 @@ class MqttClient(base.BrokerClient):
         if ready or await self._unless_done(msg_id, self._replies.ensure(topic)):
             sent = self._require(self._link).send(topic, body, how)  # QoS 0: None, no wait
             if sent is not None:
-                await self._unless_done(msg_id, sent)
+                try:
+                    await self._unless_done(msg_id, sent)
+                except NoRespondersError:
+                    self._no_responders(msg_id)
 
     async def _dispatch_event(self, pattern: Any, data: Any) -> None:
         data, how = self._split(data)
         body = dumps({"pattern": pattern, "data": data}).encode()  # raw, as Nest sends it
-        await self._require(self._link).publish(normalize_pattern(pattern), body, how)
+        try:
+            await self._require(self._link).publish(normalize_pattern(pattern), body, how)
+        except NoRespondersError as exc:  # an event to nobody is fine, as in Nest
+            self.logger.debug("an event reached no subscriber: %s", exc)
 
 
 SERVER = MqttServer

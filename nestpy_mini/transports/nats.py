@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..exceptions import ConnectionClosedError
-from ..packets import EMPTY_RESPONSE, dumps
+from ..packets import dumps
 from ..patterns import normalize_pattern
 from ..server import BaseRpcContext
 from . import broker_urls
@@ -290,11 +290,7 @@ class NatsClient(BrokerClient):
         if msg.data:
             self._on_body(msg.data, msg_id)
             return
-        # The broker's 503 no-responders (to Nest, any empty reply): Nest's
-        # EmptyResponseException, which names the subject.
-        call = self._routing.get(msg_id)
-        subject = normalize_pattern(call.pattern) if call is not None else ""
-        self._on_reply({"err": EMPTY_RESPONSE.format(subject)}, msg_id)
+        self._no_responders(msg_id)  # the broker's 503 (to Nest, any empty reply)
 
 
 SERVER = NatsServer

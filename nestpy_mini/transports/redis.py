@@ -148,6 +148,8 @@ class _Link:
             self._fail(token, response)  # this one PUBLISH was refused (an ACL, say)
         elif isinstance(token, asyncio.Future) and not token.done():
             token.set_result(response)
+        elif response == 0 and type(token) is str:  # a request that reached no subscriber
+            self.side._no_responders(token)  # type: ignore[union-attr]
         if self._flushed is not None and not self._tokens and not self._queue:
             self._flushed.set_result(None)
 
@@ -321,8 +323,9 @@ class RedisClient(BrokerClient):
         # Nest's Redis client sends the pattern raw, as in a request.
         body = dumps({"pattern": pattern, "data": data}).encode()
         written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._require(self._link).publish(normalize_pattern(pattern), body, written)
-        await within(written, self.timeout, f"publishing to {self.describe()}")
+        self._require(self._link).publish(route := normalize_pattern(pattern), body, written)
+        if not await within(written, self.timeout, f"publishing to {self.describe()}"):
+            self.logger.debug("an event on %.200r reached no subscriber", route)  # as Nest: fine
 
 
 SERVER = RedisServer

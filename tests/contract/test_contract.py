@@ -31,6 +31,7 @@ from nestpy_mini import (
     Module,
     NestFactory,
     NestMicroservice,
+    NoRespondersError,
     RequestTimeoutError,
     RpcError,
 )
@@ -134,12 +135,17 @@ async def test_every_error_shape_reaches_the_caller_and_the_server_goes_on(
 
 
 async def test_a_pattern_nobody_serves(kit: Kit, client: ClientProxy) -> None:
-    """Nest's no-handler error where the server reads the pattern; on a broker that routes
-    by channel nobody hears the request, and the caller's timeout ends it."""
+    """Nest's no-handler error where the server reads the pattern; "no responders" at once
+    where the broker says nobody subscribes; else the caller's timeout ends it."""
     if kit.unknown_pattern is not None:
+        started = asyncio.get_running_loop().time()
         with pytest.raises(RpcError) as info:
             await client.send(name("nobody"), 1, timeout=2)
         assert info.value.error == kit.unknown_pattern(name("nobody"))
+        assert asyncio.get_running_loop().time() - started < 1  # not the 2 s timeout
+        if kit.kind in ("redis", "nats"):
+            assert isinstance(info.value, NoRespondersError)
+            assert isinstance(info.value, ConnectionError)
     else:
         with pytest.raises(RequestTimeoutError):
             await client.send(name("nobody"), 1, timeout=0.2)

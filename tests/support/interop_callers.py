@@ -57,6 +57,9 @@ class Kind:
     #: NO_REPLY where no server subscribes it (and Nest's client, which has no
     #: timeout of its own, would wait for ever, so ours checks it both ways).
     unknown: str
+    #: Where nobody subscribes, the broker says so (a Redis PUBLISH count of 0), and our
+    #: client fails at once with NoRespondersError instead of timing out.
+    nobody_fails_fast: bool = False
     #: Kafka: a number travels as its text, and an object pattern cannot be a
     #: topic (``{cmd: X}`` is ``"cmd.X"``; the mixed-key handler is not served).
     kafka_names: bool = False
@@ -91,7 +94,8 @@ KINDS = {
     kind.name: kind
     for kind in (
         Kind("tcp", Transport.TCP, unknown=NO_MESSAGE_HANDLER),
-        Kind("redis", Transport.REDIS, unknown=NO_REPLY, subscribers=redis_subscribers),
+        Kind("redis", Transport.REDIS, unknown=NO_REPLY, subscribers=redis_subscribers,
+             nobody_fails_fast=True),
         Kind(
             "nats",
             Transport.NATS,

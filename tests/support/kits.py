@@ -44,8 +44,9 @@ class Kit:
     # How a number comes back: Kafka carries it as text, as Nest's KafkaParser reads it.
     value: Callable[[Any], Any] = field(default=lambda n: n)
     # The error a request to a pattern nobody serves gets, as Nest words it: its
-    # no-handler text where a server reads the pattern, NATS's "no responders",
-    # and None where nobody hears it, so the caller's timeout ends it.
+    # no-handler text where a server reads the pattern, "no responders" where the
+    # broker says nobody subscribes (NATS, Redis), and None where nobody hears it
+    # and the broker cannot tell, so the caller's timeout ends it.
     unknown_pattern: Callable[[str], Any] | None = lambda pattern: NO_MESSAGE_HANDLER
     # A request waiting when the broker goes away fails at once (its reply could
     # not reach us), where the transport can tell.
@@ -92,7 +93,7 @@ KITS = [
         "redis",
         lambda url: {"url": url, "retry_delay": 0.1},
         lambda url, app: {"url": url},
-        unknown_pattern=None,
+        unknown_pattern=EMPTY_RESPONSE.format,
     ),
     Kit(
         Transport.NATS,

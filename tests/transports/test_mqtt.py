@@ -27,6 +27,8 @@ from nestpy_mini import (
     MessagePattern,
     Module,
     NestMicroservice,
+    NoRespondersError,
+    RequestTimeoutError,
     Transport,
 )
 from nestpy_mini.dev import brokers
@@ -376,3 +378,27 @@ async def test_a_qos0_publish_is_encoded_as_paho_encodes_it(version: int) -> Non
     await server.wait_closed()
     expected = [encode_publish(t.encode(), b, r, version == 5) for t, b, r in cases]
     assert _packets(bytes(heard))[1:1 + len(cases)] == expected  # after CONNECT, before DISCONNECT
+
+
+async def test_mqtt5_no_matching_subscribers_fails_a_qos1_request_at_once(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker's PUBACK says "No matching subscribers" (reason 16): the request fails
+    then, naming its topic.  At QoS 0 the broker says nothing, and the timeout ends it."""
+    if on_amqtt():
+        pytest.skip("amqtt speaks MQTT 3.1.1 only: no reason codes")
+    client = make_client(protocol_version=5, timeout=5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoRespondersError) as info:
+        await client.send(T + "nobody", MqttRecordBuilder(1).set_qos(1).build())
+    assert loop.time() - started < 0.5
+    assert f'("{T}nobody")' in str(info.value)
+    with pytest.raises(RequestTimeoutError):
+        await client.send(T + "nobody", 1, timeout=0.3)
+    with caplog.at_level(logging.DEBUG, "nestpy_mini"):
+        await client.emit(T + "nobody", MqttRecordBuilder(1).set_qos(1).build())  # fine
+    assert "reached no subscriber" in caplog.text
+    quiet = make_client(protocol_version=5, check_subscribers=False)
+    with pytest.raises(RequestTimeoutError):
+        await quiet.send(T + "nobody", MqttRecordBuilder(1).set_qos(1).build(), timeout=0.3)

@@ -29,6 +29,8 @@ from nestpy_mini import (
     Module,
     NestFactory,
     NestMicroservice,
+    NoRespondersError,
+    RequestTimeoutError,
     Transport,
 )
 from nestpy_mini.dev import brokers
@@ -420,3 +422,33 @@ async def test_a_publish_the_broker_never_confirms_fails_within_command_timeout(
         await client.close()
         await admin.aclose()
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_send_to_a_service_that_is_not_running_fails_at_once(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PUBLISH reached 0 subscribers, so no reply can come: it fails in milliseconds,
+    naming the channel, where it used to wait out its timeout.  An event to nobody is fine."""
+    client = make_client(timeout=5)
+    await client.connect()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoRespondersError) as info:
+        await client.send(cmd("nobody"), 1)
+    took = loop.time() - started
+    assert took < 0.5, f"took {took:.3f} s"
+    channel = normalize_pattern(cmd("nobody"))
+    assert str(info.value) == (
+        f'Empty response. There are no subscribers listening to that message ("{channel}")'
+    )
+    assert isinstance(info.value, ConnectionError)
+    with caplog.at_level(logging.DEBUG, "nestpy_mini"):
+        await client.emit(USER_CREATED, "nobody listens")  # not an error
+    assert "reached no subscriber" in caplog.text
+
+
+async def test_check_subscribers_off_waits_for_a_reply(make_client: MakeClient) -> None:
+    """For Redis Cluster, whose PUBLISH counts only one node's subscribers."""
+    client = make_client(check_subscribers=False)
+    with pytest.raises(RequestTimeoutError):
+        await client.send(cmd("nobody"), 1, timeout=0.3)
