@@ -95,6 +95,34 @@ class Observable(Generic[T]):
         return Subscription(task)
 
 
+class Record:
+    """Data and per-message options, as Nest's ``MqttRecord`` and ``RmqRecord``: only the data
+    goes in the packet; the transport turns the options into its own (QoS, AMQP properties)."""
+
+    def __init__(self, data: Any = None, options: dict[str, Any] | None = None) -> None:
+        self.data, self.options = data, dict(options or {})
+
+
+class RecordBuilder(Record):
+    """``XRecordBuilder(data).set_...(...).build()``, as Nest's record builders."""
+
+    record: type[Record] = Record
+
+    def set_data(self, data: Any) -> Any:
+        self.data = data
+        return self
+
+    def set_options(self, options: dict[str, Any]) -> Any:
+        self.options.update(options)
+        return self
+
+    def _set(self, key: str, value: Any) -> Any:
+        return self.set_options({key: value})
+
+    def build(self) -> Any:
+        return self.record(self.data, self.options)
+
+
 class _Pending:
     __slots__ = ("done", "last", "on_next", "pattern", "tick", "timeout", "timeouts")
 

@@ -76,19 +76,15 @@ def pattern_text(pattern: Any) -> str:
 
 
 class Batch:
-    """Gathers what one pass of the event loop writes, and hands it to ``write`` as one list.
-
-    With 100 requests in flight a server answers dozens per pass; written one by one,
-    each costs its library's bookkeeping and a syscall.  The flush is a ``call_soon``,
-    which runs after every callback already due, so the whole pass is in it.  ``write``
-    returns None when done, or an awaitable (a full queue): later items wait for it, in order.
-    """
+    """Gathers what one loop pass writes and hands it to ``write`` as one list: with 100 in
+    flight a server answers dozens per pass, and each write costs its library's bookkeeping
+    and a syscall.  The flush is a ``call_soon``, after every callback already due.  ``write``
+    returns None, or an awaitable (a full queue) that later items wait for, in order."""
 
     __slots__ = ("_due", "_waiting", "items", "write")
 
     def __init__(self, write: Callable[[list[Any]], Awaitable[None] | None]) -> None:
-        self.write, self.items = write, []
-        self._due = False
+        self.write, self.items, self._due = write, [], False
         self._waiting: asyncio.Future[None] | None = None
 
     def add(self, item: Any) -> None:
@@ -152,14 +148,11 @@ class Reply:
 
 
 class BrokerServer(Server):
-    """A server whose messages come through a broker.
-
-    A transport sets ``kind``, implements ``_open`` (connect and subscribe;
-    an unreachable broker raises ``OSError``, ``ConnectionError`` included),
-    ``_stop_taking`` (stop consuming, so that draining ends) and ``_shutdown``
-    (disconnect), feeds every message to ``read``, then to ``dispatch`` with
-    its route, and calls ``_lost`` if its library does not reconnect by itself.
-    """
+    """A server whose messages come through a broker.  A transport sets ``kind``, implements
+    ``_open`` (connect and subscribe; an unreachable broker raises ``OSError``), ``_stop_taking``
+    (stop consuming, so that draining ends) and ``_shutdown`` (disconnect), feeds every message
+    to ``read``, then to ``dispatch`` with its route, and calls ``_lost`` if its library does
+    not reconnect by itself."""
 
     kind = ""
     # The options that name the reconnect backoff's cap (with its default, in
@@ -273,16 +266,14 @@ class BrokerClient(ClientProxy):
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
         self.urls: list[str] = []
-        # False: wait for the reply (or the timeout) even where the broker says nobody
-        # subscribes; for Redis Cluster, whose PUBLISH counts one node's subscribers only.
+        # False: wait even where the broker says nobody subscribes (Redis Cluster counts one node).
         self.check_subscribers = bool(self.options.get("check_subscribers", True))
 
     def describe(self) -> str:
         return describe(self.kind, self.urls)
 
     def _no_responders(self, msg_id: str) -> None:
-        """The broker said that nobody subscribes to request ``msg_id``'s channel: it fails
-        now, with the channel's name, instead of waiting out its timeout for nothing."""
+        """The broker said nobody subscribes to the channel: fail now, not at the timeout."""
         call = self._routing.get(msg_id)
         if call is not None and self.check_subscribers:
             call.fail(NoRespondersError(EMPTY_RESPONSE.format(normalize_pattern(call.pattern))))
@@ -322,13 +313,9 @@ class BrokerClient(ClientProxy):
 
 
 class Subscriptions:
-    """Reply channels, each subscribed once, before the first request that needs it.
-
-    A reply published before the broker confirms the subscription would be
-    lost, so the first request on a channel waits for ``ensure``; concurrent
-    first requests share one SUBSCRIBE.  Once the connection is lost, nothing
-    is ready, and the next request on each channel subscribes it again.
-    """
+    """Reply channels, each subscribed once, before the first request that needs it: a reply
+    published before the broker confirms the subscription would be lost.  Concurrent first
+    requests share one SUBSCRIBE; after a loss, the next request on each subscribes again."""
 
     def __init__(self, subscribe: Callable[[str], Awaitable[None]]) -> None:
         self._subscribe = subscribe

@@ -21,11 +21,13 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ..client import Record, RecordBuilder
 from ..exceptions import NoRespondersError
 from ..packets import EMPTY_RESPONSE, dumps
 from ..patterns import normalize_pattern
 from ..server import LARGE_MESSAGE, BaseRpcContext
 from . import base, broker_urls
+from . import mqtt_fast as fast
 from .base import arg
 
 REPLY_SUFFIX = "/reply"
@@ -34,33 +36,19 @@ logger = logging.getLogger("nestpy_mini.mqtt")
 _closing: set[asyncio.Task[None]] = set()  # connections given up on, being closed
 
 
-class MqttRecord:
-    """Data and its publish options (``qos``, ``retain``, ``properties``), as Nest's
-    ``MqttRecord``: only ``data`` goes on the wire."""
-
-    def __init__(self, data: Any = None, options: dict[str, Any] | None = None) -> None:
-        self.data, self.options = data, dict(options or {})
+class MqttRecord(Record):
+    """Data and its publish options (``qos``, ``retain``, ``properties``), as Nest's."""
 
 
-class MqttRecordBuilder(MqttRecord):
+class MqttRecordBuilder(RecordBuilder):
     """``MqttRecordBuilder(data).set_qos(1).build()``, as Nest's; ``set_properties`` takes
     MQTT 5 publish properties in snake_case: ``{"user_properties": {"x-trace": "1"}}``."""
 
-    def set_data(self, data: Any) -> MqttRecordBuilder:
-        self.data = data
-        return self
-
-    def _set(self, key: str, value: Any) -> MqttRecordBuilder:
-        self.options[key] = value
-        return self
-
-    set_qos = partialmethod(_set, "qos")
-    set_retain = partialmethod(_set, "retain")
-    set_dup = partialmethod(_set, "dup")  # paho sets DUP itself, on a resend
-    set_properties = partialmethod(_set, "properties")
-
-    def build(self) -> MqttRecord:
-        return MqttRecord(self.data, self.options)
+    record = MqttRecord
+    set_qos = partialmethod(RecordBuilder._set, "qos")
+    set_retain = partialmethod(RecordBuilder._set, "retain")
+    set_dup = partialmethod(RecordBuilder._set, "dup")  # paho sets DUP itself, on a resend
+    set_properties = partialmethod(RecordBuilder._set, "properties")
 
 
 def publish_options(user_properties: dict[str, Any], options: dict[str, Any]) -> How:
@@ -108,53 +96,9 @@ def match_topic(pattern: str, topic: str) -> bool:
     return len(levels) == len(topic_levels)
 
 
-def encode_publish(topic: bytes, body: bytes, retain: bool, v5: bool) -> bytes:
-    """A QoS 0 PUBLISH (MQTT 3.1.1 and 5.0, section 3.3): no packet id; in MQTT 5 no properties."""
-    rest, length = len(topic) + 2 + v5 + len(body), bytearray()
-    while True:  # the remaining length, 7 bits a byte, low first
-        rest, byte = rest >> 7, rest & 0x7F
-        length.append(byte | 0x80 if rest else byte)
-        if not rest:
-            return b"".join((bytes((0x30 | retain,)), length, len(topic).to_bytes(2, "big"),
-                             topic, b"\0" if v5 else b"", body))
-
-
-class _ReadAhead:
-    """paho's socket, read 64 KiB at a time.  paho reads a packet in three ``recv`` calls,
-    and one packet each time the socket is readable; ``pending()``, the hook aiomqtt has
-    for TLS, makes it read on while bytes wait here.  Measured with the batch (``_Link``)."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock, self.buffer, self.at = sock, b"", 0
-
-    def __getattr__(self, name: str) -> Any:  # send, fileno, close ... as the socket's
-        return getattr(self.sock, name)
-
-    def recv(self, size: int) -> bytes:
-        if self.at == len(self.buffer):
-            self.buffer, self.at = self.sock.recv(max(size, 65536)), 0
-        chunk = self.buffer[self.at:self.at + size]
-        self.at += len(chunk)
-        return chunk
-
-    def pending(self) -> int:
-        more = self.sock.pending() if hasattr(self.sock, "pending") else 0
-        return len(self.buffer) - self.at + more
-
-
 class _Link:
     """One connection, read by a task until it ends; ``on_lost`` hears of an end ``close``
-    did not cause.
-
-    Three seams under aiomqtt, for speed.  The ``queue_type`` aiomqtt takes hands each
-    message over as paho decodes it (``messages`` costs a task per message).  paho reads
-    through ``_ReadAhead``.  A QoS 0 request or reply is encoded here, and a loop pass's
-    worth goes to paho as one entry of its out-queue (``_out_packet``), written by paho's
-    public ``loop_write``: paho's ``publish`` costs, for each message, an ``MQTTMessageInfo``,
-    a byte to its socketpair, a ``send`` and aiomqtt's ``on_publish``.  A nestpy_mini pair on
-    a private Mosquitto, 100 in flight: 4,240-4,540 req/s through aiomqtt's API alone;
-    6,600-7,700 with the handoff and paho's ``publish``; 13,500-15,400 with all three (2
-    interleaved runs each, 2026-12-06).  The rest is aiomqtt's API."""
+    did not cause.  QoS 0 and reading take the fast path (``mqtt_fast``), the rest aiomqtt's."""
 
     def __init__(self, side: Any, on_message: Callable[[aiomqtt.Message], None],
                  on_lost: Callable[[BaseException], None]) -> None:
@@ -178,24 +122,15 @@ class _Link:
             clean_session=None if self.version == 5 else bool(options.get("clean", True)),
             keepalive=int(options.get("keepalive", 60)),  # s, as mqtt.js
             timeout=side.connect_timeout,  # of each CONNACK, SUBACK, PUBACK and close
-            tls_context=tls, logger=logger, queue_type=self._handoff(),
+            tls_context=tls, logger=logger, queue_type=fast.handoff(self.deliver),
         )
         self.client.pending_calls_threshold = sys.maxsize  # else a warning each busy second
         self.closed = False  # by close(), or by the broker
         self._reader: asyncio.Task[None] | None = None  # once connected
-        self._batch = base.Batch(self._write)
+        self._batch = base.Batch(partial(fast.write, self.client))
         self._acks: dict[int, asyncio.Future[int]] = {}  # MQTT 5 QoS 1 and 2: by packet id
         paho_client = self.client._client
         paho_client.on_publish = partial(self._on_publish, paho_client.on_publish)
-
-    def _handoff(self) -> type[asyncio.Queue[aiomqtt.Message]]:
-        deliver = self.deliver
-
-        class Handoff(asyncio.Queue[aiomqtt.Message]):  # aiomqtt calls only put_nowait
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                deliver(item)
-
-        return Handoff
 
     async def open(self, topics: list[tuple[str, int]]) -> None:
         """Connect, then subscribe ``topics``: paho bounds the TCP connect, aiomqtt each answer."""
@@ -208,7 +143,7 @@ class _Link:
             entering.add_done_callback(self._close_late)
             raise
         paho_client = self.client._client
-        paho_client._sock = _ReadAhead(paho_client._sock)
+        paho_client._sock = fast.ReadAhead(paho_client._sock)
         self._reader = asyncio.ensure_future(self._read())
         if topics:
             await self.subscribe(topics)
@@ -278,14 +213,8 @@ class _Link:
             return self.publish(topic, body, how)
         if not self.client._client.is_connected():
             raise ConnectionError(f"could not publish to {topic!r}: not connected")
-        self._batch.add(encode_publish(name, body, how[1], self.version == 5))
+        self._batch.add(fast.encode_publish(name, body, how[1], self.version == 5))
         return None
-
-    def _write(self, packets: list[bytes]) -> None:
-        data, paho_client = b"".join(packets), self.client._client
-        paho_client._out_packet.append({"command": 0, "mid": 0, "qos": 0, "pos": 0,
-                                        "to_process": len(data), "packet": data, "info": None})
-        paho_client.loop_write()  # what the socket does not take now, paho writes when it can
 
     async def close(self) -> None:
         self.closed = True

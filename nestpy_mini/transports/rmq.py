@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -20,6 +19,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from yarl import URL
 
+from ..client import Record, RecordBuilder
 from ..exceptions import ConnectionClosedError
 from ..packets import NO_MESSAGE_HANDLER, dumps
 from ..server import LARGE_MESSAGE, BaseRpcContext
@@ -38,27 +38,13 @@ QUEUE_OPTIONS = {"durable", "exclusive", "auto_delete", "arguments", "no_assert"
 Properties = aiormq.spec.Basic.Properties
 
 
-@dataclass(slots=True)
-class RmqRecord:
+class RmqRecord(Record):
     """Data plus per-message AMQP properties (snake_case, and ``persistent``), as Nest's."""
 
-    data: Any = None
-    options: dict[str, Any] | None = field(default_factory=dict)
 
-
-class RmqRecordBuilder(RmqRecord):
+class RmqRecordBuilder(RecordBuilder):
     """``RmqRecordBuilder(data).set_options({...}).build()``, as in Nest."""
-
-    def set_data(self, data: Any) -> RmqRecordBuilder:
-        self.data = data
-        return self
-
-    def set_options(self, options: dict[str, Any]) -> RmqRecordBuilder:
-        self.options = {**(self.options or {}), **options}
-        return self
-
-    def build(self) -> RmqRecord:
-        return RmqRecord(self.data, self.options)
+    record = RmqRecord
 
 
 class RmqContext(BaseRpcContext):
@@ -107,13 +93,11 @@ class _Link:
     """One side's robust connection and channel; aio-pika reconnects and declares the queue,
     exchange, bindings and prefetch again, then ``_reopened`` starts the consumer again.
 
-    The hot path is this module's one seam: the consumers and ``publish`` use aiormq's API
-    on ``raw``, the channel under aio-pika's (its public ``get_underlay_channel()``).
-    aio-pika's ``queue.consume`` adds a task and an ``IncomingMessage`` per delivery; its
-    ``exchange.publish`` builds a ``Message``, waits for each write, and in an outage waits
-    for the broker where a send must fail.  A nestpy_mini pair (two processes, 100 requests
-    in flight, local RabbitMQ, the 2-core python-svc machine; median of 4 runs): 3,680 req/s
-    here; 2,420 with aio-pika's consume, 1,830 with its publish, 1,490 with both."""
+    The hot path is aiormq's API on ``raw``, the channel under aio-pika's (its public
+    ``get_underlay_channel()``): aio-pika's ``queue.consume`` adds a task and an
+    ``IncomingMessage`` per delivery, its ``exchange.publish`` waits for each write and, in an
+    outage, for the broker.  A pair, 100 in flight: 1,490 req/s on aio-pika's API, 3,680 on
+    aiormq's; on a busier day, 3,070-3,260 without ``publish``'s batch, 3,900-4,060 with it."""
 
     def __init__(self, side: Any, start: Callable[[AbstractChannel], Awaitable[None]],
                  lost: Callable[[BaseException | None], None]) -> None:
@@ -202,13 +186,8 @@ class _Link:
 
     def publish(self, body: bytes, exchange: str, key: str, props: Any,
                 wait: bool = False) -> Awaitable[None] | None:
-        """One message, in this loop pass's batch; with ``wait``, an awaitable that ends once
-        it is written.  Fails at once during an outage.
-
-        The frames are encoded here and a pass's worth goes to aiormq's ``write_queue``
-        as one ``ChannelFrame``: ``basic_publish`` costs a lock, a queue put, a random
-        ``message_id`` (which Nest's amqplib does not send) and a write per message.  A
-        nestpy_mini pair on this machine's RabbitMQ, 100 in flight: 4,060 -> 5,950 req/s."""
+        """One message, in this pass's batch; with ``wait``, until written.  Fails at once in an
+        outage.  ``basic_publish`` costs a lock, a put, a ``message_id`` and a write each."""
         if (raw := self.raw) is None or raw.is_closed:
             raise ConnectionError(f"{self.side.describe()} is unreachable; reconnecting meanwhile")
         if len(key.encode()) > 255:
@@ -218,26 +197,21 @@ class _Link:
                   ContentHeader(body_size=len(body), properties=props),
                   *(ContentBody(body[i:i + size]) for i in range(0, len(body), size))]
         self._batch.add(ChannelFrame.marshall(number, frames).payload)
-        if wait:
-            self._batch.flush()
-            return self._written(raw)
-        return None
+        return self._written(raw) if wait else None
 
     def _write(self, payloads: list[bytes]) -> Awaitable[None] | None:
-        if (raw := self.raw) is None:
-            return None  # lost: what waits for a reply fails with the connection
         frame = ChannelFrame(payload=b"".join(payloads), should_close=False)
-        try:
-            raw.write_queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if (raw := self.raw) is not None and raw.write_queue.full():
             return raw.write_queue.put(frame)  # the batch waits, and what follows it
+        if raw is not None:  # else lost: what waits for a reply fails with the connection
+            raw.write_queue.put_nowait(frame)
         return None
 
     async def _written(self, raw: AbstractChannel) -> None:
         """Until aiormq's writer has drained what is queued (an empty frame, last, tells)."""
+        self._batch.flush()
         drained = asyncio.get_running_loop().create_future()
-        await raw.write_queue.put(ChannelFrame(payload=b"", should_close=False,
-                                               drain_future=drained))
+        await raw.write_queue.put(ChannelFrame(b"", False, drained))
         await base.within(drained, self.side.connect_timeout, f"writing to {self.side.describe()}")
 
     async def close(self) -> None:
@@ -294,8 +268,7 @@ class RmqServer(BrokerServer):
     async def _handle(self, delivered: DeliveredMessage) -> bool:  # False: nothing handles it
         if (message := self.read(delivered.body)) is None:
             return False
-        # Screened when large: the peer chose the pattern.
-        route = self.route(message.pattern, len(delivered.body) > LARGE_MESSAGE)
+        route = self.route(message.pattern, len(delivered.body) > LARGE_MESSAGE)  # screened
         table = self.message_handlers if message.is_request else self.event_handlers
         if self.wildcards and route not in table:  # Nest: the exact route first
             text, wild = pattern_text(message.pattern), (k for k in table if "*" in k or "#" in k)

@@ -37,10 +37,10 @@ from nestpy_mini.transports.mqtt import (
     MqttContext,
     MqttRecordBuilder,
     MqttServer,
-    encode_publish,
     match_topic,
     strip_shared_prefix,
 )
+from nestpy_mini.transports.mqtt_fast import encode_publish
 
 RUN = secrets.token_hex(3)
 T = f"nestpy/{RUN}/"  # every topic of this file starts here
