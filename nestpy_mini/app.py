@@ -93,7 +93,7 @@ class NestMicroservice:
             await self.container.call_hooks(*names)
 
     async def start(self) -> NestMicroservice:
-        """Begin serving and return at once."""
+        """Begin serving; return once the server is ready, as Nest's ``listen()`` does."""
         if not self._started:
             await self.server.listen()
             self._started = True
@@ -115,7 +115,8 @@ class NestMicroservice:
             self._signal_close = asyncio.ensure_future(self.close())
 
     async def listen(self) -> None:
-        """Start, then serve until ``close()`` is called (by a handler, a signal, another task)."""
+        """``start()``, then wait until ``close()`` is called (by a handler, a signal, another
+        task): a script's last line.  Nest's ``listen()`` resolves once ready, as ``start()``."""
         await self.start()
         await self._closed.wait()
 
