@@ -6,10 +6,17 @@ The notebooks run with this folder as their working directory, so
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import sys
-from typing import Any, TextIO
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TextIO, TypeVar
+
+from nestpy_mini import ClientProxy, ClientProxyFactory, Module, NestFactory, Transport
+
+T = TypeVar("T")
 
 
 class _OneLine(logging.Formatter):
@@ -63,3 +70,100 @@ def show_logs(level: int = logging.WARNING) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+
+
+# The exercises (06): a service that follows the learner's edits, and checks that wait for events.
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+# What each exercise started last: its key -> (what it was started from, what it started).
+_running: dict[str, tuple[object, _Closable]] = {}
+
+
+async def _start_once(key: str, source: object, start: Callable[[], Awaitable[Any]]) -> Any:
+    """Return what ``source`` started under ``key`` if it still runs; else close the older one
+    (started from other code) and ``await start()``.  ``None`` (not answered yet) is not kept."""
+    if key in _running:
+        previous_source, previous = _running[key]
+        if previous_source == source:
+            return previous
+        del _running[key]
+        await previous.close()
+    started = await start()
+    if started is not None:
+        _running[key] = (source, started)
+    return started
+
+
+async def restart(start: Callable[[], Awaitable[T]]) -> T:
+    """``await start()``, after closing what an earlier ``start`` of the same name started.
+
+    An exercise cell defines classes and a start function, then starts a service.  Run the
+    cell again after an edit and Python makes new classes and a new function, but the
+    service the first run started still serves the old code: a check would test that.
+    So ``restart`` keeps what each start function (by name) returned, and when a new
+    function of that name comes, closes the old service before starting the new one.
+    Called again with the very same function (a check cell does that), it returns the
+    service that runs, or starts it anew if ``stop_all`` stopped it: checks can be rerun.
+    """
+    return await _start_once(start.__qualname__, start, start)
+
+
+class _Served:
+    """A service over TCP and a client connected to it, closed together."""
+
+    def __init__(self, app: Any, client: ClientProxy) -> None:
+        self.app, self.client = app, client
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.app.close()
+
+
+async def serve(*controllers: type) -> ClientProxy:
+    """Serve ``controllers`` in one module over TCP on a free port; return a client for it.
+
+    Restarted as ``restart`` does: once the cell that defines the controllers runs again,
+    the service of the old classes is closed and the new classes are served.  The client's
+    timeout is 2 s, so that a wrong answer fails a check quickly.
+    """
+
+    async def start() -> _Served:
+        module = Module(controllers=controllers)(type("ExerciseModule", (), {}))
+        app = await NestFactory.create_microservice(
+            module, transport=Transport.TCP, options={"port": 0}
+        )
+        await app.start()
+        client = ClientProxyFactory.create(Transport.TCP, {"port": app.server.port, "timeout": 2})
+        return _Served(app, client)
+
+    key = "serve " + " ".join(c.__qualname__ for c in controllers)
+    served: _Served = await _start_once(key, controllers, start)
+    return served.client
+
+
+async def stop_all() -> int:
+    """Close everything ``restart`` and ``serve`` started, the latest first; return how many."""
+    count = 0
+    while _running:
+        _key, (_source, started) = _running.popitem()
+        await started.close()
+        count += 1
+    return count
+
+
+async def until(condition: Callable[[], bool], within: float) -> bool:
+    """Wait until ``condition()`` holds, at most ``within`` seconds; return whether it does.
+
+    An event gets no reply, so a check cannot await its handler: it watches what the
+    handler changes, and is done as soon as the change shows.
+    """
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
