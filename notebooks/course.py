@@ -167,3 +167,64 @@ async def until(condition: Callable[[], bool], within: float) -> bool:
             return False
         await asyncio.sleep(0.005)
     return True
+
+
+# "Predict, then run" (02, 03): the answer, then whether the learner's guess matched.
+
+
+def reveal(answer: object, guess: object = None) -> None:
+    """Print the answer to a "predict, then run" question, and, once guessed, the verdict.
+
+    ``guess`` stays ``None`` until the learner writes one, so the first line is all that a
+    run of the notebook as shipped prints: the same output on every machine.
+    """
+    print(f"The answer is {answer!r}.")
+    if guess is not None:
+        verdict = "right (猜对了)" if guess == answer else "not this time (再想想为什么)"
+        print(f"Your guess, {guess!r}: {verdict}.")
+
+
+async def serve_hybrid(*controllers: type, providers: list[type] | tuple[type, ...] = ()) -> Any:
+    """Serve ``controllers`` and ``providers`` as a hybrid app (2.3): HTTP and TCP, free ports.
+
+    Restarted as ``serve`` does.  Returns the app: ``app.url`` for HTTP, and
+    ``app.microservices[0].server.port`` for TCP.
+    """
+
+    async def start() -> Any:
+        module = Module(controllers=controllers, providers=providers)(type("HybridModule", (), {}))
+        app = await NestFactory.create(module)
+        app.connect_microservice(transport=Transport.TCP, options={"port": 0})
+        await app.start_all_microservices()
+        await app.listen(0)
+        return app
+
+    key = "serve_hybrid " + " ".join(c.__qualname__ for c in controllers)
+    return await _start_once(key, (controllers, tuple(providers)), start)
+
+
+# Several instances of one service (05): fan-out needs more than one listener.
+
+
+class _Instances(list[Any]):
+    """Apps that ``start_instances`` started; ``close`` closes them all, the latest first."""
+
+    async def close(self) -> None:
+        while self:
+            await self.pop().close()
+
+
+async def start_instances(count: int, module: type, **how: Any) -> _Instances:
+    """Start ``count`` instances of ``module``, each ``create_microservice(module, **how)``,
+    as ``count`` processes of one service would run.  One ``await group.close()`` closes
+    them all, so a start function for ``restart`` can return the group.
+    """
+    group = _Instances()
+    try:
+        for _ in range(count):
+            app = await NestFactory.create_microservice(module, **how)
+            group.append(await app.start())
+    except BaseException:
+        await group.close()
+        raise
+    return group

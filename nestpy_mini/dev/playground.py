@@ -44,6 +44,7 @@ FROM_SERVICE = "←"
 SETTLE = 1.0
 QUIET = 0.05
 ID_PREFIX = "play-"  # repeatable request ids: play-1, play-2, ...
+CLOSED_NOTE = "This playground is closed. Make a new Playground to send again."
 DEFAULT_BROKER_PORT = {"redis": 6379, "nats": 4222, "mqtt": 1883}
 _MAX_PREFIX_DIGITS = 12
 
@@ -421,6 +422,9 @@ class Playground:
     ``ClientsModule.register`` takes, e.g. ``{"TCP": (Transport.TCP, {"port": 3001})}``.
     Buttons schedule the action in the running event loop; ``pending`` is
     the last scheduled task, so a cell or a test can ``await`` it.
+    ``closed_note`` is the line shown under the buttons once ``close`` has
+    greyed them out: a learner who scrolls back to a closed form must read
+    there why it no longer works and how to get a live one.
     """
 
     def __init__(
@@ -430,6 +434,7 @@ class Playground:
         pattern: str = '{"cmd": "sum"}',
         payload: str = "[1, 2, 3]",
         timeout: float = 5.0,
+        closed_note: str = CLOSED_NOTE,
     ) -> None:
         if not targets:
             raise ValueError("a Playground needs at least one target")
@@ -446,6 +451,7 @@ class Playground:
 
         self.targets = dict(targets)
         self.timeout = timeout
+        self.closed_note = closed_note
         self.pending: asyncio.Task[None] | None = None
         self.reply_text = ""
         self.wire_text = ""
@@ -459,6 +465,7 @@ class Playground:
         self.payload_box = widgets.Textarea(value=payload, description="Payload (JSON)")
         self.send_button = widgets.Button(description="Send", button_style="primary")
         self.emit_button = widgets.Button(description="Emit")
+        self.status_area = widgets.HTML()  # empty while open; the closed note after close()
         self.reply_area = widgets.HTML()
         self.wire_area = widgets.HTML()
         self.send_button.on_click(lambda _: self._click(self._send))
@@ -468,6 +475,7 @@ class Playground:
                 widgets.HBox([self.target_picker, self.pattern_box]),
                 self.payload_box,
                 widgets.HBox([self.send_button, self.emit_button]),
+                self.status_area,
                 widgets.HTML("<b>Reply</b>"),
                 self.reply_area,
                 widgets.HTML(
@@ -610,8 +618,13 @@ class Playground:
         self.wire_area.value = _pre(self.wire_text)
 
     async def close(self) -> None:
-        """Let the last action finish, then close every client and tap it opened."""
+        """Let the last action finish, then close every client and tap it opened.
+
+        The buttons turn grey and ``closed_note`` appears under them, so the
+        form itself says why it no longer answers.
+        """
         self.send_button.disabled = self.emit_button.disabled = True
+        self.status_area.value = _pre(self.closed_note, "#555")
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         for client in self._clients.values():
