@@ -27,6 +27,18 @@ COURSE_COPY_BEFORE = COURSE_COPY.read_bytes()  # read at collection, before any 
 pytestmark = pytest.mark.skipif(nest_missing() is not None, reason=str(nest_missing()))
 
 
+def _bench(*argv: str, timeout: float = RUN_TIMEOUT, **env: str) -> subprocess.CompletedProcess:
+    """``python -m nestpy_mini.dev bench ARGV`` from the repository, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "nestpy_mini.dev", "bench", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+    )
+
+
 def _alive(pid: int) -> bool:
     """True if ``pid`` still runs one of the benchmark's processes (not a reused pid)."""
     try:
@@ -40,15 +52,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     save = tmp_path_factory.mktemp("bench") / "results.json"
-    argv = ["-m", "nestpy_mini.dev", "bench", "--quick", "--transports", "tcp", "--save", str(save)]
-    proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = _bench("--quick", "--transports", "tcp", "--save", str(save))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(save.read_text())
 
@@ -101,17 +105,9 @@ def test_the_bare_pair_is_the_extra_row(
 def test_a_broker_transport_is_measured(tmp_path: Path) -> None:
     """MQTT always has a broker here: a private Mosquitto if one is on PATH, else amqtt."""
     save = tmp_path / "results.json"
-    argv = ["-m", "nestpy_mini.dev", "bench", "--quick", "--transports", "mqtt"]
     # One pair, NestJS's client against nestpy_mini's server: both sides' MQTT options.
-    argv += ["--pairs", "c", "--requests", "300", "--latency", "30", "--warmup", "30"]
-    argv += ["--save", str(save)]
-    proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
+    pair = ["--pairs", "c", "--requests", "300", "--latency", "30", "--warmup", "30"]
+    proc = _bench("--quick", "--transports", "mqtt", *pair, "--save", str(save))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(save.read_text())
     pairs = results["summary"]["mqtt"]["pairs"]
@@ -175,14 +171,7 @@ def test_uvloop_missing_is_one_clear_line_before_anything_starts(
     tmp_path: Path, flags: list[str], env: dict[str, str], said: str
 ) -> None:
     (tmp_path / "uvloop.py").write_text("raise ImportError('not installed')\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nestpy_mini.dev", "bench", "--quick", *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": str(tmp_path), **env},
-    )
+    proc = _bench("--quick", *flags, timeout=30, PYTHONPATH=str(tmp_path), **env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"{said} needs uvloop: pip install 'nestpy-mini[fast]'"
     assert proc.stdout == ""  # no pair was started
