@@ -55,7 +55,16 @@ from typing import Any
 from .. import ClientProxyFactory, Controller, MessagePattern, Module, NestFactory, Transport, run
 from ..app import LOOPS, loop_name
 from . import node
-from .bare import measure, on_stdin_end
+from .bare import (
+    CONCURRENCY,
+    LATENCY,
+    READY_TIMEOUT,
+    REQUESTS,
+    WARMUP,
+    add_client_arguments,
+    measure,
+    on_stdin_end,
+)
 
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -84,16 +93,13 @@ BARE_SCRIPT = Path(__file__).resolve().parent / "bare.py"
 SIDES = {**PAIRS, BARE: ("bare", "bare")}
 
 DEFAULT_ROUNDS = 3
-DEFAULT_REQUESTS = 20_000
-DEFAULT_CONCURRENCY = 100
-DEFAULT_LATENCY = 2_000
-DEFAULT_WARMUP = 5_000  # V8's optimizing tiers need a few thousand calls
+DEFAULT_REQUESTS, DEFAULT_CONCURRENCY, DEFAULT_LATENCY, DEFAULT_WARMUP = (
+    REQUESTS, CONCURRENCY, LATENCY, WARMUP)  # bare.py's: one set for every pair
 QUICK = {"rounds": 1, "requests": 2_000, "latency": 200, "warmup": 200}
 IMPORT_SAMPLES = 5
 
 # Seconds.  Every wait on a child process is bounded by one of these.
 START_TIMEOUT = 20.0  # a server prints READY
-READY_TIMEOUT = 20.0  # a client gets its first reply (a broker server may still subscribe)
 STOP_TIMEOUT = 5.0  # a server exits after its stdin closes
 KILL_TIMEOUT = 3.0  # a process exits after SIGTERM, before SIGKILL
 REQUEST_TIMEOUT = 10.0  # one nestpy_mini request
@@ -1168,11 +1174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _side_options(serve)
     client = sub.add_parser("client", help="measure one server; prints one JSON line")
     _side_options(client)
-    client.add_argument("--requests", type=int, default=DEFAULT_REQUESTS)
-    client.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    client.add_argument("--latency", type=int, default=DEFAULT_LATENCY)
-    client.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
-    client.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT)
+    add_client_arguments(client)
     args = parser.parse_args(argv)
     if args.command is None:
         args.loop = "uvloop" if args.uvloop else args.loop
