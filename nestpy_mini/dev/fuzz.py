@@ -464,7 +464,8 @@ class Conn:
             return "silent"
         except (ConnectionResetError, BrokenPipeError):
             return "closed"
-        except FrameError:
+        except FrameError as exc:
+            self.packets += exc.packets
             return "broken"
         return "done"
 

@@ -33,7 +33,16 @@ logger = logging.getLogger("nestpy_mini.tcp")
 
 
 class FrameError(ValueError):
-    """The byte stream broke the framing; the connection cannot be trusted on."""
+    """The byte stream broke the framing; the connection cannot be trusted on.
+
+    ``packets`` are the frames that the same read completed before the break.  They
+    arrived whole, and Nest acts on them (an event before a broken frame runs), so
+    they are not thrown away with the rest.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.packets: list[Any] = []
 
 
 def encode_frame(message: Any) -> bytes:
@@ -123,6 +132,7 @@ class FrameDecoder:
                 except (ValueError, RecursionError) as exc:
                     raise FrameError(f"invalid JSON in a frame: {exc}") from None
         except FrameError as exc:
+            exc.packets = out
             self._broken = str(exc)
             buf.clear()  # nothing in it can be used any more: free it now
             self._length, self._mode = None, 0
@@ -222,22 +232,13 @@ class JsonSocket(asyncio.Protocol):
         try:
             packets = self.decoder.feed(data)
         except FrameError as exc:
-            self.abort(f"broken frame from {self.peer}: {exc}")
+            # As Nest: the whole frames before the break are handled, then the
+            # connection ends before any reply to them can be written.
+            if self._dispatch(exc.packets, flush=False):
+                self.abort(f"broken frame from {self.peer}: {exc}")
             return
-        if packets:
-            joined = self._corked is not None  # a flush is already scheduled: join it
-            if not joined:
-                self._corked = []
-            try:
-                for packet in packets:
-                    self._on_packet(self, packet)
-            except Exception as exc:  # it costs its own connection only, with one line
-                logger.debug("dispatch failed for %s", self.peer, exc_info=True)
-                self.abort(f"{self.peer} sent a packet that could not be handled: {exc!r:.200}")
-                return
-            finally:
-                if not joined:
-                    self._flush()
+        if packets and not self._dispatch(packets, flush=True):
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -245,6 +246,27 @@ class JsonSocket(asyncio.Protocol):
         if self.decoder.has_partial and wait > 0 and self.transport is not None:
             why = f"{self.peer} stalled inside a frame for {wait:g} s"
             self._timer = asyncio.get_running_loop().call_later(wait, self.abort, why)
+
+    def _dispatch(self, packets: list[Any], flush: bool) -> bool:
+        """Hand ``packets`` to the server or client; False if that cost the connection.
+        Replies written meanwhile leave together, or with ``flush=False`` not at all."""
+        joined = self._corked is not None  # a flush is already scheduled: join it
+        if not joined:
+            self._corked = []
+        try:
+            for packet in packets:
+                self._on_packet(self, packet)
+        except Exception as exc:  # it costs its own connection only, with one line
+            logger.debug("dispatch failed for %s", self.peer, exc_info=True)
+            self.abort(f"{self.peer} sent a packet that could not be handled: {exc!r:.200}")
+            return False
+        finally:
+            if not joined:
+                if flush:
+                    self._flush()
+                else:
+                    self._corked = None
+        return True
 
     def write(self, packet: Any, batch: bool = False) -> None:
         """Send one packet.  ``batch`` defers it to the end of this loop pass,

@@ -301,17 +301,21 @@ async def test_a_broken_stream_closes_only_its_connection_with_one_log_line(
     await bystander.close()
 
 
-async def test_replies_before_the_broken_read_are_sent_and_those_in_it_are_not(
+async def test_frames_before_a_break_in_the_same_read_are_handled_but_not_answered(
     app: NestMicroservice, good: ClientProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As Nest: a read that breaks the framing is dropped whole (WIRE.md section 1)."""
+    """As Nest 12 (captured, WIRE.md section 1): the whole frames of a read run before
+    the break closes the connection; replies to them are not written."""
+    events.clear()
     async with good_client_running(good):
         attacker = await Raw.open(app.server.port)
         attacker.send(request("echo", 1, "a1"))
         assert await attacker.packets(1) == [{"response": 1, "isDisposed": True, "id": "a1"}]
-        attacker.send(request("echo", 2, "a2") + b"5#{abc}")
+        event = frame(json.dumps({"pattern": "seen", "data": "before the break"}))
+        attacker.send(event + request("echo", 2, "a2") + b"5#{abc}")
         await assert_closed_with_one_line(caplog, attacker, "invalid JSON")
     assert attacker.decoder.feed(b"") == []  # nothing for a2 arrived
+    assert events == ["before the break"], "a whole event before the break was dropped"
 
 
 # --- frames that stop half-way ------------------------------------------------
