@@ -338,3 +338,24 @@ async def test_broker_close_delivers_in_flight_replies_and_cancels_past_the_grac
         assert 0.6 <= took < 1.5
         await client.close()
         assert_no_pending_tasks()
+
+
+async def test_a_nats_queue_member_closing_under_load_loses_no_request(broker_url: Any) -> None:
+    """One of three queue-group members closes while requests keep coming: every request
+    is answered, by it or by the two that stay.  nats-server can deliver a message to a
+    member after that member's UNSUB and the PONG that follows it; a member that stops
+    reading at the PONG drops it, and its caller waits out the timeout."""
+    group = f"shutdown-{secrets.token_hex(3)}"
+    for trial in range(5):
+        apps = [await start_app("nats", broker_url, queue=group) for _ in range(3)]
+        client = client_for(apps[0], "nats", broker_url, timeout=2)
+        try:
+            await asyncio.gather(*(client.send(PING, n) for n in range(50)))
+            sends = [client.send(PING, n) for n in range(300)]
+            *replies, _ = await asyncio.gather(*sends, apps[0].close(), return_exceptions=True)
+            lost = [r for r in replies if isinstance(r, BaseException)]
+            assert lost == [], f"trial {trial}: {len(lost)} of 300 lost, first: {lost[0]!r}"
+        finally:
+            await client.close()
+            for app in apps:
+                await app.close()

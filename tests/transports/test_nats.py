@@ -54,7 +54,6 @@ class AppController(shared_handlers(p, lambda name: f"{name}.{RUN}")):
     def ping(self) -> str:
         return "pong"
 
-
     @MessagePattern(p("ctx"))
     def ctx(self, data: object, ctx: NatsContext) -> list[object]:
         return [ctx.get_subject(), ctx.get_headers()]
@@ -357,3 +356,101 @@ async def test_giving_up_reconnecting_is_said_once_and_the_client_connects_afres
         await client.close()
         await server.close()
         await asyncio.to_thread(broker.stop)
+
+
+class LateNats:
+    """A NATS server on a real socket, reading commands strictly in order as
+    nats-server does, and records them.  Once ``armed``, on the next PING while a
+    subscription is live it answers PONG, and 2 ms later, before reading on, it
+    delivers one request on that subscription, as a publisher on another connection
+    would."""
+
+    def __init__(self) -> None:
+        self.pubs: list[tuple[str, bytes]] = []
+        self.subs: dict[str, str] = {}  # sid -> subject
+        self.unsubscribed: list[str] = []
+        self.verbs: list[str] = []  # every command read, in order
+        self.armed = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info = {"server_id": "late", "version": "2.10.0", "proto": 1, "max_payload": 1 << 20}
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        delivered = False
+        try:
+            while line := (await reader.readline()).decode().strip():
+                verb, *args = line.split()
+                self.verbs.append(verb)
+                if verb == "SUB":
+                    self.subs[args[-1]] = args[0]
+                elif verb == "UNSUB":
+                    self.unsubscribed.append(args[0])
+                elif verb == "PUB":
+                    body = await reader.readexactly(int(args[-1]) + 2)
+                    self.pubs.append((args[0], body[:-2]))
+                elif verb == "PING":
+                    writer.write(b"PONG\r\n")
+                    live = [sid for sid in self.subs if sid not in self.unsubscribed]
+                    if live and self.armed and not delivered:
+                        delivered = True
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                        body = json.dumps({"pattern": "late.sum", "data": [1, 2], "id": "l1"})
+                        head = f"MSG {self.subs[live[0]]} {live[0]} _INBOX.late.l1 {len(body)}"
+                        writer.write(f"{head}\r\n{body}\r\n".encode())
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@Controller()
+class LateController:
+    @MessagePattern("late.sum")
+    def sum(self, data: list[int]) -> int:
+        return sum(data)
+
+
+async def test_listen_returns_once_the_broker_has_read_every_sub(apps: Apps) -> None:
+    """The PONG that ends listen answers a PING sent after the SUBs, so a request sent
+    right after listen cannot meet "no responders" (nats-py's flush() alone puts its
+    PING ahead of the SUBs it has not written yet)."""
+    peer = LateNats()
+    url = await peer.start()
+    try:
+        module = Module(controllers=[LateController])(type("LateModule", (), {}))
+        await apps(module, Transport.NATS, {"servers": url})
+        assert peer.verbs[-2:] == ["SUB", "PING"], peer.verbs
+    finally:
+        await peer.close()
+
+
+async def test_a_request_delivered_before_the_broker_reads_the_unsub_is_answered(
+    apps: Apps,
+) -> None:
+    """nats-py's flush() writes its PING ahead of a pending UNSUB, so the PONG that
+    Subscription.drain waits for can come before the broker has read the UNSUB.  A
+    request the broker delivers in between must be handled and answered, not dropped
+    (which cost 206 requests their timeout in 6 of 80 closes under load)."""
+    peer = LateNats()
+    url = await peer.start()
+    try:
+        module = Module(controllers=[LateController])(type("LateModule", (), {}))
+        app = await apps(module, Transport.NATS, {"servers": url, "close_grace": 1})
+        assert list(peer.subs.values()) == ["late.sum"]
+        peer.armed = True
+        await app.close()
+        await wait_until(lambda: peer.pubs, within=2)
+        assert peer.pubs == [("_INBOX.late.l1", b'{"response":3,"isDisposed":true,"id":"l1"}')]
+        assert peer.unsubscribed, "the server never unsubscribed"
+    finally:
+        await peer.close()
