@@ -178,10 +178,11 @@ class Server:
         if stuck:
             self.logger.error("%d handler(s) ignored their cancellation; left behind", len(stuck))
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def route(self, pattern: Any, large: bool = False) -> str | None:
         """The route of a pattern a peer sent; None when no handler can match it.

@@ -2,10 +2,11 @@
 
 A request or event is one record on the topic named by the pattern (a string
 such as ``"math.sum"``) whose value is the data itself, written and read as
-Nest's serializer and ``KafkaParser`` do: a number travels as its text.  Its
-headers name the correlation id and the reply topic and partition; a reply's
-name the correlation id, the error and, on the last record, the end.
-Settings are aiokafka's defaults unless the options say otherwise, as Nest
+Nest's serializer and ``KafkaParser`` do (``kafka_records``): a number travels
+as its text.  Its headers name the correlation id and the reply topic and
+partition; a reply's name the correlation id, the error and, on the last
+record, the end.  A server commits only records it has finished with, as Nest's
+kafkajs does (``kafka_commits``).  Settings are aiokafka's defaults unless the options say otherwise, as Nest
 keeps kafkajs's: for Tansu, the dev layer passes its own (``TANSU_TUNING``).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
-import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -24,11 +24,13 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import KafkaError
 
 from ..exceptions import WiringError
-from ..packets import dumps, js_number, loads
-from ..patterns import normalize_pattern
+from ..packets import dumps
 from ..server import BaseRpcContext
 from . import broker_urls
 from .base import BrokerClient, BrokerServer, Subscriptions, arg, quietly, within
+from .kafka_commits import Commits
+from .kafka_records import TOPIC, TOPIC_RULE, KafkaMessage, Record, decode, serialize, valid_topic
+from .kafka_records import encode as encode  # re-exported: the codec's other half
 
 # Nest's KafkaHeaders and defaults (enums/kafka-headers.enum, constants).
 CORRELATION_ID = "kafka_correlationId"
@@ -39,8 +41,6 @@ NEST_IS_DISPOSED = "kafka_nest-is-disposed"
 DEFAULT_CLIENT_ID, DEFAULT_GROUP_ID = "nestjs-consumer", "nestjs-group"
 _DISPOSED = (NEST_IS_DISPOSED, b"\x00")
 DEFAULT_JOIN_TIMEOUT, REPLY_TIMEOUT = 30.0, 5.0  # s: for the group's assignment, a reply's send
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_RULE = "only ASCII letters, digits, '.', '_' and '-'; use a string pattern such as 'math.sum'"
 _HEARTBEAT = partial(asyncio.sleep, 0)  # Nest's context has one; aiokafka heartbeats itself
 _NULL = object()  # passes aiokafka's assert of a key or value; serialized as no value
 # kafkajs's option names unlike aiokafka's (``*_timeout`` and the like only lack
@@ -57,58 +57,6 @@ _IGNORED = frozenset(
     "partition_assigners max_in_flight_requests create_partitioner group_id topics loop "
     "bootstrap_servers key_serializer value_serializer key_deserializer value_deserializer".split()
 )
-
-Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int | None, int | None]
-
-
-def encode(value: Any) -> bytes | None:
-    """A value, key or header as Nest and kafkajs write it: JSON or ``String(value)``."""
-    if value is None or isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bool):
-        return b"true" if value else b"false"
-    if isinstance(value, int | float):
-        return js_number(value).encode()
-    return dumps(value).encode()
-
-
-def decode(raw: bytes | None) -> Any:
-    """A value, key or header as Nest's ``KafkaParser`` reads it."""
-    if raw is None or raw[:1] == b"\x00":  # a zero byte: schema-registry framing, binary
-        return raw
-    text = raw.decode("utf-8", "replace")  # as Node's Buffer#toString replaces
-    if text[:1] in ("{", "["):
-        try:
-            return loads(text)
-        except (ValueError, RecursionError):
-            pass  # Nest keeps the text when it is not JSON after all
-    return text
-
-
-def serialize(data: Any) -> Record:
-    """``(key, value, headers, partition, timestamp_ms)``; a dict with a key or value is one."""
-    if not (isinstance(data, dict) and ("key" in data or "value" in data)):
-        return None, encode(data), [], None, None
-    headers = [
-        (str(name), encode(value) or b"")
-        for name, values in (data.get("headers") or {}).items()
-        for value in (values if isinstance(values, list | tuple) else [values])
-    ]
-    partition, timestamp = (data.get(k) for k in ("partition", "timestamp"))
-    partition, timestamp = (None if n is None else int(n) for n in (partition, timestamp))
-    return encode(data.get("key")), encode(data.get("value")), headers, partition, timestamp
-
-
-def valid_topic(pattern: Any) -> str:
-    """The topic of ``pattern``; a clear error now where aiokafka would retry till it times out."""
-    topic = normalize_pattern(pattern)
-    if not _TOPIC.fullmatch(topic) or len(topic) > 249 - len(".reply"):
-        why = f"a topic name has at most 243 characters (249 with '.reply'), {_RULE}"
-        raise ValueError(f"pattern {pattern!r} is the topic {topic!r}, which Kafka refuses: {why}")
-    return topic
-
 
 def _settings(options: dict[str, Any], where: str, *classes: type) -> dict[str, Any]:
     """Section ``where`` in aiokafka's names; a clear error for a name neither library has."""
@@ -163,7 +111,7 @@ class _Side:
         self, topic: str, record: Record, delivered: bool = False, msg_id: str | None = None
     ) -> None:
         """Hand one record to the producer; with ``delivered``, wait until the broker has it."""
-        if not _TOPIC.fullmatch(topic):  # a reply topic a peer named, say
+        if not TOPIC.fullmatch(topic):  # a reply topic a peer named, say
             raise ValueError(f"{topic!r} is not a Kafka topic name")
         if self._producer is None:
             raise ConnectionError(f"not connected to {self.describe()}")
@@ -210,17 +158,6 @@ class _Side:
         producer, self._producer = self._producer, None
         if producer is not None:  # stopping flushes what it still holds
             await quietly(producer.stop(), self.logger, "stopping the producer")
-
-
-class KafkaMessage:
-    """A record as Nest's parser leaves it: ``value``, ``key`` and ``headers`` decoded;
-    ``offset`` and ``timestamp`` are ints (kafkajs gives strings); ``raw`` is aiokafka's."""
-
-    def __init__(self, record: Any, value: Any) -> None:
-        self.raw, self.value, self.key = record, value, decode(record.key)
-        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
-        self.timestamp: int = record.timestamp
-        self.headers = {name: decode(raw) for name, raw in record.headers or ()}
 
 
 class KafkaContext(BaseRpcContext):
@@ -302,13 +239,15 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
             "group_id": self.group_id,
             # Nest's default (from_beginning false): a new group starts at the end.
             "auto_offset_reset": "earliest" if from_beginning else "latest",
-            "enable_auto_commit": bool(run.get("auto_commit", True)),
-            "auto_commit_interval_ms": int(run.get("auto_commit_interval", 1000)),
+            "enable_auto_commit": False,  # commits of finished records only: kafka_commits
             "partition_assignment_strategy": (KafkajsRoundRobin,),
             **self.consumer,
         }
         self.assignment: set[tuple[str, int]] = set()
         self._joined: asyncio.Future[None] | None = None
+        every = int(run.get("auto_commit_interval", 1000)) / 1000
+        self._every = every if run.get("auto_commit", True) else None
+        self._commits: Commits | None = None
 
     def _record_lost(self, msg_id: str | None, error: BaseException) -> None:  # a reply
         self.logger.warning("%s", error)
@@ -324,11 +263,11 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
 
     async def _open(self) -> None:
         # A controller shared with other transports may hold object patterns too.
-        bad = [route for route in self.patterns if not _TOPIC.fullmatch(route)]
+        bad = [route for route in self.patterns if not TOPIC.fullmatch(route)]
         if bad and len(bad) == len(self.patterns):
-            raise WiringError(f"no pattern of this app can be a Kafka topic ({_RULE}): {bad}")
+            raise WiringError(f"no pattern of this app can be a Kafka topic ({TOPIC_RULE}): {bad}")
         if bad:
-            self.logger.warning("not served over Kafka (%s): %s", _RULE, ", ".join(bad))
+            self.logger.warning("not served over Kafka (%s): %s", TOPIC_RULE, ", ".join(bad))
         topics = [route for route in dict.fromkeys(self.patterns) if route not in bad]
         self.urls = self.brokers()
         self._producer = producer = AIOKafkaProducer(bootstrap_servers=self.urls, **self.producer)
@@ -343,12 +282,17 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
             await self._consumer.start()
         except KafkaError as exc:
             raise ConnectionError(repr(exc)) from exc
+        if self._every is not None:
+            self._commits = Commits(self._consumer, self._every, self.logger)
+            self._commits.start()
         self._joined = asyncio.get_running_loop().create_future()
         self._consumer.subscribe(topics, listener=self)  # the group forms from here
         self._reading = asyncio.ensure_future(self._read(self._consumer, self._on_record))
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self.assignment = set()
+        if self._commits is not None:  # what was finished here, before others read on
+            await self._commits.commit()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Resolve and commit a position for each new partition: ``listen()`` returns
@@ -357,15 +301,30 @@ class KafkaServer(_Side, BrokerServer, ConsumerRebalanceListener):
         try:
             if self._consumer is not None and assigned:
                 positions = {tp: await self._consumer.position(tp) for tp in assigned}
-                if self.consumer["enable_auto_commit"]:
+                if self._commits is not None:
                     await self._consumer.commit(positions)
+                    self._commits.reset(positions)
         except KafkaError as exc:
             self.logger.warning("could not commit new partitions' positions: %r", exc)
         self.assignment = {(tp.topic, tp.partition) for tp in assigned}
         if self._joined is not None and not self._joined.done():
             self._joined.set_result(None)
 
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = super()._spawn(coro)
+        if self._commits is not None:
+            self._commits.hold(task)  # the record being dispatched stays uncommitted
+        return task
+
+    async def _stop_taking(self) -> None:
+        commits, self._commits = self._commits, None
+        if commits is not None:
+            await commits.stop()
+        await super()._stop_taking()
+
     def _on_record(self, record: Any) -> None:
+        if self._commits is not None:
+            self._commits.take(record)  # the tasks its dispatch spawns hold it
         value = record.value if self.keep_binary else decode(record.value)
         message, topic = KafkaMessage(record, value), record.topic
         args = (message, record.partition, topic, self._consumer, _HEARTBEAT, self._producer)

@@ -611,3 +611,69 @@ async def served_within(client: KafkaClient, seconds: float) -> int:
             assert loop.time() < deadline, f"no answer within {seconds} s"
 
 
+# --- commits ------------------------------------------------------------------------------
+
+held: list[tuple[int, int]] = []  # (partition, offset) of each record a handler holds
+gate = asyncio.Event()
+
+
+@Controller()
+class HeldController:
+    @MessagePattern(T + "held")
+    async def held(self, data: Any, ctx: KafkaContext) -> Any:
+        held.append((ctx.get_partition(), ctx.get_message().offset))
+        await gate.wait()
+        return data
+
+
+@Module(controllers=[HeldController])
+class HeldModule:
+    pass
+
+
+async def test_a_record_still_being_handled_is_never_committed(
+    client: KafkaClient, url: str
+) -> None:
+    """The committed offset is where a partition's next owner starts after a crash: a
+    record whose handler is still running must stay after it, or a crash would leave
+    its caller without an answer.  Once handled, the next commit moves past it."""
+    options = server_options(url, "held", run={"auto_commit_interval": 100})
+    app = await NestFactory.create_microservice(
+        HeldModule, transport=Transport.KAFKA, options=options
+    )
+    held.clear()
+    gate.clear()
+    await app.start()
+    group = app.server.group_id  # type: ignore[attr-defined]
+    # A consumer of the group that never joins it: only to read what the group committed.
+    reader = AIOKafkaConsumer(bootstrap_servers=url, group_id=group, enable_auto_commit=False)
+    await reader.start()
+
+    async def committed() -> dict[int, int]:  # for the partitions the records went to
+        offsets = {p: await reader.committed(TopicPartition(T + "held", p)) for p, _ in held}
+        return {p: offset for p, offset in offsets.items() if offset is not None}
+
+    try:
+        sends = [asyncio.ensure_future(client.send(T + "held", n)) for n in range(6)]
+        await wait_until(lambda: len(held) == 6, within=5)
+        await asyncio.sleep(0.4)  # four commit intervals, every record still held
+        first_held = {p: min(o for q, o in held if q == p) for p, _ in held}
+        now = await committed()
+        for partition, offset in first_held.items():
+            assert now.get(partition, -1) <= offset, (
+                f"partition {partition}: committed {now[partition]}, past the record at"
+                f" {offset} that a handler still holds"
+            )
+        gate.set()
+        assert sorted(await asyncio.gather(*sends)) == [str(n) for n in range(6)]
+        last_held = {p: max(o for q, o in held if q == p) for p, _ in held}
+        for _ in range(50):  # the next commits cover the handled records
+            now = await committed()
+            if all(now.get(p, -1) > offset for p, offset in last_held.items()):
+                break
+            await asyncio.sleep(0.05)
+        assert all(now.get(p, -1) > offset for p, offset in last_held.items()), now
+    finally:
+        gate.set()
+        await reader.stop()
+        await app.close()
