@@ -5,9 +5,10 @@ such as ``"math.sum"``) whose value is the data itself, written and read as
 Nest's serializer and ``KafkaParser`` do (``kafka_records``): a number travels
 as its text.  Its headers name the correlation id and the reply topic and
 partition; a reply's name the correlation id, the error and, on the last
-record, the end.  A server commits only records it has finished with, as Nest's
-kafkajs does (``kafka_commits``).  Settings are aiokafka's defaults unless the options say otherwise, as Nest
-keeps kafkajs's: for Tansu, the dev layer passes its own (``TANSU_TUNING``).
+record, the end.  A server commits only records it has finished with, as
+Nest's kafkajs does (``kafka_commits``).  Settings are aiokafka's defaults
+unless the options say otherwise, as Nest keeps kafkajs's: for Tansu, the dev
+layer passes its own (``TANSU_TUNING``).
 """
 
 from __future__ import annotations
