@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from conftest import wait_until
 from support.apps import check_error_kinds, check_stream_error, check_streams, shared_handlers
-from support.kits import KITS, Kit, name, outage
+from support.kits import KITS, Kit, Outage, name, outage
 
 from nestpy_mini import (
     ClientProxy,
@@ -68,6 +68,7 @@ class ContractModule: ...
 # One server per transport serves every test of the module: a Kafka consumer group
 # takes a second to form, and so on.  Each test has its own client.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+OUTAGE_TEST = "test_the_broker_goes_away_and_comes_back"
 
 
 @pytest.fixture(scope="module", params=KITS, ids=lambda kit: kit.id)
@@ -81,17 +82,148 @@ def _reset() -> None:
     events.clear()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def app(kit: Kit, broker_url: Callable[[str], str]) -> AsyncIterator[NestMicroservice]:
-    url = broker_url(kit.kind) if kit.kind else ""
+async def _started(app: NestMicroservice) -> NestMicroservice:
+    try:
+        await app.start()
+    except BaseException:
+        await app.close()
+        raise
+    return app
+
+
+async def _module_server(kit: Kit, url: str) -> NestMicroservice:
+    """The server that every test of ``kit`` but the outage test talks to."""
     options = {**kit.server_options(url), "close_grace": 0.2}
     app = await NestFactory.create_microservice(
         ContractModule, transport=kit.transport, options=options
     )
-    await app.start()
     app.url = url  # type: ignore[attr-defined]
-    yield app
-    await app.close()
+    return await _started(app)
+
+
+async def _outage_server(kit: Kit, rabbit: Any) -> tuple[Outage | None, NestMicroservice]:
+    """The outage test's own broker (none for TCP) and a server on it."""
+    down = await outage(kit, rabbit) if kit.kind else None
+    options = {**kit.server_options(down.url if down else ""), "close_grace": 0.2}
+    try:
+        app = await NestFactory.create_microservice(
+            ContractModule, transport=kit.transport, options=options
+        )
+        return down, await _started(app)
+    except BaseException:
+        if down is not None and kit.kind != "rmq":
+            await asyncio.to_thread(down.stop)
+        raise
+
+
+class Ahead:
+    """Starts the servers a kit's tests need while the tests before them run.
+
+    Starting takes time that is mostly waiting: a Kafka consumer group takes a
+    second or more to form, a private broker a few tenths.  So when a kit's
+    first test begins, its outage test's broker and server start, and so does
+    the next kit's module server; the old kit's server closes (waiting out its
+    grace for the handlers that still hang) while the next kit's tests run.
+    Each server still serves exactly the tests it served when started in turn,
+    and none is sent anything before they run: each is on its own broker, or
+    answers only this run's patterns.
+    """
+
+    def __init__(
+        self, order: list[Kit], outages: set[str], broker_url: Callable[[str], str], rabbit: Any
+    ) -> None:
+        self.order = order  # the kits in the order this run's tests use them
+        self.outages = outages  # the ids of the kits whose outage test runs
+        self.broker_url = broker_url
+        self.rabbit = rabbit
+        self.servers: dict[str, asyncio.Future[NestMicroservice]] = {}
+        self.outage_servers: dict[str, asyncio.Future[tuple[Outage | None, NestMicroservice]]] = {}
+        self.closing: list[asyncio.Future[None]] = []
+
+    def _start_server(self, kit: Kit) -> asyncio.Future[NestMicroservice]:
+        url = self.broker_url(kit.kind) if kit.kind else ""  # skips here, never in a task
+        self.servers[kit.id] = started = asyncio.ensure_future(_module_server(kit, url))
+        return started
+
+    async def server(self, kit: Kit) -> NestMicroservice:
+        app = await (self.servers.get(kit.id) or self._start_server(kit))
+        if kit.id in self.outages and kit.id not in self.outage_servers:
+            self.outage_servers[kit.id] = asyncio.ensure_future(_outage_server(kit, self.rabbit))
+        ids = [k.id for k in self.order]
+        later = self.order[ids.index(kit.id) + 1 :] if kit.id in ids else []
+        if later and later[0].id not in self.servers:
+            try:
+                self._start_server(later[0])
+            except pytest.skip.Exception:
+                pass  # its own tests say why, when their turn comes
+        return app
+
+    def close_server(self, kit: Kit) -> None:
+        started = self.servers.pop(kit.id, None)
+        if started is not None:
+            self.closing.append(asyncio.ensure_future(self._close(started)))
+
+    def stop_later(self, down: Outage) -> None:
+        """Stop an outage test's broker while the next tests run."""
+        self.closing.append(asyncio.ensure_future(asyncio.to_thread(down.stop)))
+
+    async def outage_server(self, kit: Kit) -> tuple[Outage | None, NestMicroservice]:
+        """The outage test's broker and server, now its own: the test stops them."""
+        self.outages.discard(kit.id)  # taken: none is started for it again
+        started = self.outage_servers.pop(kit.id, None)
+        return await (started or _outage_server(kit, self.rabbit))
+
+    @staticmethod
+    async def _close(started: asyncio.Future[NestMicroservice]) -> None:
+        try:
+            app = await started
+        except Exception:
+            return  # a server that failed to start reported it to its tests
+        await app.close()
+
+    async def aclose(self) -> None:
+        """Close what no test took, and wait for what is closing; raise the first error."""
+        for started in self.servers.values():
+            self.closing.append(asyncio.ensure_future(self._close(started)))
+        self.servers.clear()
+        for kit_id, started in list(self.outage_servers.items()):
+            try:
+                down, app = await started
+            except Exception:
+                continue
+            await app.close()
+            if down is not None and kit_id != "RMQ":
+                await asyncio.to_thread(down.stop)
+        self.outage_servers.clear()
+        outcomes = await asyncio.gather(*self.closing, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def ahead(
+    request: pytest.FixtureRequest, broker_url: Callable[[str], str], private_rabbit: Any
+) -> AsyncIterator[Ahead]:
+    mine = [
+        item
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
+    ]
+    kits = [item.callspec.params["kit"] for item in mine]
+    order = list({kit.id: kit for kit in kits}.values())  # each kit once, in the run's order
+    outages = {item.callspec.params["kit"].id for item in mine if item.originalname == OUTAGE_TEST}
+    started = Ahead(order, outages, broker_url, private_rabbit)
+    try:
+        yield started
+    finally:
+        await started.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app(kit: Kit, ahead: Ahead) -> AsyncIterator[NestMicroservice]:
+    yield await ahead.server(kit)
+    ahead.close_server(kit)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -204,20 +336,14 @@ async def test_close_fails_pending_requests_at_once(kit: Kit, client: ClientProx
 
 
 async def test_the_broker_goes_away_and_comes_back(
-    kit: Kit, private_rabbit: Any, caplog: pytest.LogCaptureFixture
+    kit: Kit, ahead: Ahead, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A send during the outage fails clearly within its timeout; once the broker is back
     (for TCP: the server), the server serves again by itself and the client resumes."""
-    if kit.kind:
-        down = await outage(kit, private_rabbit)
-        url = down.url
-    server_options = {**kit.server_options(url if kit.kind else ""), "close_grace": 0.2}
-    app = await NestFactory.create_microservice(
-        ContractModule, transport=kit.transport, options=server_options
-    )
-    await app.start()
-    if not kit.kind:  # TCP: the outage is the server's, on the same port
-        url = str(app.server.port)  # type: ignore[attr-defined]
+    down, app = await ahead.outage_server(kit)  # its own broker, and a server started on it
+    server_options = {**kit.server_options(down.url if down else ""), "close_grace": 0.2}
+    # TCP: the outage is the server's, on the same port
+    url = down.url if down else str(app.server.port)  # type: ignore[attr-defined]
     options = {**kit.client_options(url, app), "timeout": 2, "connect_timeout": 2}
     client = ClientProxyFactory.create(kit.transport, options)
     loop = asyncio.get_running_loop()
@@ -226,7 +352,7 @@ async def test_the_broker_goes_away_and_comes_back(
         waiting = asyncio.ensure_future(client.send(name("hang"), 1, timeout=30))
         await wait_until(lambda: bool(client._routing))
 
-        if kit.kind:
+        if down is not None:
             await asyncio.to_thread(down.stop)
         else:
             await app.close()
@@ -240,7 +366,7 @@ async def test_the_broker_goes_away_and_comes_back(
             await client.send(name("sum"), [1], timeout=1)
         assert loop.time() - started < 2.5  # within its timeouts, never a hang
 
-        if kit.kind:
+        if down is not None:
             await asyncio.to_thread(down.start)
         else:
             again = {**server_options, "port": int(url)}
@@ -255,7 +381,7 @@ async def test_the_broker_goes_away_and_comes_back(
                 break
             except (ConnectionError, RequestTimeoutError):
                 assert loop.time() < deadline, "the transport did not recover within 30 s"
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)
         async def answered(i: int) -> Any:
             """A send; where the restart forgot the log, retried for up to 15 s."""
             until = loop.time() + (15 if kit.restart_forgets_the_log else 0)
@@ -278,5 +404,5 @@ async def test_the_broker_goes_away_and_comes_back(
         with caplog.at_level(logging.CRITICAL):
             await client.close()
             await app.close()
-            if kit.kind and kit.kind != "rmq":
-                await asyncio.to_thread(down.stop)
+            if down is not None and kit.kind != "rmq":
+                ahead.stop_later(down)

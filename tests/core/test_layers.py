@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,17 +165,54 @@ def private_network() -> None:
         pytest.skip(f"cannot make a private network namespace: {probe.stderr.decode()[:200]}")
 
 
-@pytest.mark.parametrize("kind", ["redis", "nats", "mqtt"])
-def test_two_processes_with_default_options_meet_or_both_fail_at_once(
-    kind: str, private_network: None
-) -> None:
-    """The chapter's two processes, on a laptop with no broker service: never a silent split."""
+def _meet(kind: str) -> subprocess.Popen[str]:
+    """``defaults_meet.py kind`` started in a network namespace of its own, with no broker URL."""
     script = ROOT / "tests" / "support" / "defaults_meet.py"
     env = {k: v for k, v in os.environ.items() if k not in brokers.ENV.values()}
-    result = subprocess.run(
+    return subprocess.Popen(
         _private_network([sys.executable, str(script), kind]),
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
+
+
+MEET_TEST = "test_two_processes_with_default_options_meet_or_both_fail_at_once"
+
+
+@pytest.fixture(scope="module")
+def meetings(
+    request: pytest.FixtureRequest, private_network: None
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Every kind's run, all started at the first one's turn: most of a run is waiting on
+    processes, and each run has a network of its own, so no run can meet another's broker."""
+    kinds = [
+        item.callspec.params["kind"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module and item.originalname == MEET_TEST
+    ]
+    runs = {kind: _meet(kind) for kind in dict.fromkeys(kinds)}
+    try:
+        yield runs
+    finally:
+        for run in runs.values():  # each test reads its own; this is for one that did not
+            if run.poll() is None:
+                run.kill()
+            if run.stdout is not None and not run.stdout.closed:
+                run.communicate()
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats", "mqtt"])
+def test_two_processes_with_default_options_meet_or_both_fail_at_once(
+    kind: str, meetings: dict[str, subprocess.Popen[str]]
+) -> None:
+    """The chapter's two processes, on a laptop with no broker service: never a silent split."""
+    run = meetings.get(kind) or _meet(kind)
+    try:
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    result = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     alone = report["without_broker"]

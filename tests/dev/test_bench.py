@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 from support.nest import nest_missing
 
-from nestpy_mini.dev.bench import parse_args
+from nestpy_mini.dev.bench import QUICK, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 120  # seconds; the quick run takes a few
+# Fewer requests than even --quick's: these tests check the command, not the figures,
+# and most of a run is starting its processes.
+FEW = ("--requests", "300", "--latency", "30", "--warmup", "30")
 COURSE_COPY = REPO / "notebooks" / "bench_results.json"
 COURSE_COPY_BEFORE = COURSE_COPY.read_bytes()  # read at collection, before any run
 
@@ -52,7 +55,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     save = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = _bench("--quick", "--transports", "tcp", "--save", str(save))
+    proc = _bench("--quick", "--transports", "tcp", *FEW, "--save", str(save))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads(save.read_text())
 
@@ -106,7 +109,7 @@ def test_a_broker_transport_is_measured(tmp_path: Path) -> None:
     """MQTT always has a broker here: a private Mosquitto if one is on PATH, else amqtt."""
     save = tmp_path / "results.json"
     # One pair, NestJS's client against nestpy_mini's server: both sides' MQTT options.
-    pair = ["--pairs", "c", "--requests", "300", "--latency", "30", "--warmup", "30"]
+    pair = ["--pairs", "c", *FEW]
     proc = _bench("--quick", "--transports", "mqtt", *pair, "--save", str(save))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(save.read_text())
@@ -195,5 +198,10 @@ def test_results_are_written_only_where_asked(
     quick_run: tuple[subprocess.CompletedProcess, dict],
 ) -> None:
     """The run above saved to a temporary file, and left the course's copy as it was."""
-    assert parse_args(["--quick"]).save is None  # by default the results are only printed
+    quick = parse_args(["--quick"])
+    assert quick.save is None  # by default the results are only printed
+    assert {name: getattr(quick, name) for name in QUICK} == QUICK  # what the run above overrode
+    _, results = quick_run
+    settings = results["settings"]
+    assert (settings["requests"], settings["latency_requests"], settings["warmup"]) == (300, 30, 30)
     assert COURSE_COPY.read_bytes() == COURSE_COPY_BEFORE

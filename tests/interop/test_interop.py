@@ -7,14 +7,16 @@ itself behaves differently on a transport, the case reads it from that
 transport's ``Kind`` in ``interop_callers``.  Checks that exist for one
 transport only are in ``test_interop_<kind>.py``.
 
-Each (transport, direction) pair starts its peer once for the whole module;
-a broker that cannot be found skips its pairs with the one-line reason.
+Each (transport, direction) pair starts its peer once for the whole module,
+and the next pairs' peers start in the background while its tests run (see
+``Peers``); a broker that cannot be found skips its pairs with the one-line reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -31,18 +33,103 @@ pytestmark = [
 ]
 
 NON_ASCII = {"名字": "张三", "emoji": "😀🚀", "nested": [{"深": ["层", {"é": 1.5}]}, None, True]}
-PEERS = [(kind, direction) for kind in KINDS for direction in DIRECTIONS]
+Peer = tuple[str, str]  # (kind, direction)
+# Direction first: pairs that run one after the other are of different kinds, so the
+# next ones can start while a pair's tests run (two of one kind never run side by side).
+PEERS: list[Peer] = [(kind, direction) for direction in DIRECTIONS for kind in KINDS]
+AHEAD = len(KINDS) - 1  # the pairs started before their turn: every other kind's next one
+
+
+class Peers:
+    """Opens the caller of each pair, and the next ``AHEAD`` pairs in the background.
+
+    A peer takes about half a second to start (a node process), a Kafka one a
+    second more (a consumer group forms): started while the pair before runs
+    its tests, that time is spent side by side.  Each pair still has its own
+    peer, used by its own tests only.  Two pairs of one kind are never open at
+    once: both would serve the same channels, subjects and topics.
+    """
+
+    def __init__(self, order: list[Peer], broker_url: Callable[[str], str]) -> None:
+        self.order = order  # the pairs in the order this run's tests use them
+        self.broker_url = broker_url
+        self.open: dict[Peer, asyncio.Future[tuple[AsyncExitStack, Caller]]] = {}
+
+    def _start(self, peer: Peer) -> asyncio.Future[tuple[AsyncExitStack, Caller]]:
+        kind, direction = peer
+        url = "" if kind == "tcp" else self.broker_url(kind)  # skips here, not in a task
+
+        async def opening() -> tuple[AsyncExitStack, Caller]:
+            stack = AsyncExitStack()
+            try:
+                return stack, await stack.enter_async_context(open_caller(kind, direction, url))
+            except BaseException:
+                await stack.aclose()
+                raise
+
+        self.open[peer] = started = asyncio.ensure_future(opening())
+        return started
+
+    async def get(self, peer: Peer) -> Caller:
+        """``peer``'s caller: started ahead, or now; then the next pairs start."""
+        for other in [p for p in self.open if p[0] == peer[0] and p != peer]:
+            await self.close(other)  # out of the expected order: never two of a kind
+        try:
+            _, caller = await (self.open.get(peer) or self._start(peer))
+        except BaseException:
+            await self.close(peer)
+            raise
+        if peer in self.order:
+            at = self.order.index(peer)
+            for later in self.order[at + 1 : at + 1 + AHEAD]:
+                if later in self.open:
+                    continue
+                if any(open_peer[0] == later[0] for open_peer in self.open):
+                    break  # its kind's pair before it is still open: it waits its turn
+                try:
+                    self._start(later)
+                except pytest.skip.Exception:
+                    continue  # its own tests say why, when their turn comes
+        return caller
+
+    async def close(self, peer: Peer) -> None:
+        """Stop ``peer``'s side once it has started (every start is bounded)."""
+        started = self.open.pop(peer, None)
+        if started is None:
+            return
+        try:
+            stack, _ = await started
+        except Exception:
+            return  # it stopped what it had started; its tests reported the failure
+        await stack.aclose()
+
+    async def close_all(self) -> None:
+        for peer in list(self.open):
+            await self.close(peer)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def peers(
+    request: pytest.FixtureRequest, broker_url: Callable[[str], str]
+) -> AsyncIterator[Peers]:
+    """Every pair's peer, each started once per module, the next ones ahead of time."""
+    params = [
+        item.callspec.params.get("caller")
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
+    ]
+    opened = Peers(list(dict.fromkeys(p for p in params if p is not None)), broker_url)
+    try:
+        yield opened
+    finally:
+        await opened.close_all()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=PEERS, ids="-".join)
-async def caller(
-    request: pytest.FixtureRequest, broker_url: Callable[[str], str]
-) -> AsyncIterator[Caller]:
+async def caller(request: pytest.FixtureRequest, peers: Peers) -> AsyncIterator[Caller]:
     """The caller of one (transport, direction), its peer started once per module."""
-    kind, direction = request.param
-    url = "" if kind == "tcp" else broker_url(kind)
-    async with open_caller(kind, direction, url) as opened:
-        yield opened
+    yield await peers.get(request.param)
+    await peers.close(request.param)
 
 
 async def test_request_response(caller: Caller) -> None:

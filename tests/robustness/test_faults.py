@@ -12,13 +12,14 @@ import os
 import secrets
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_until
 from support.faults import ServiceProcess
+from support.spares import Spares, spares_for
 
 from nestpy_mini import (
     ClientProxy,
@@ -43,8 +44,11 @@ REFUSE = {"cmd": "refuse"}
 
 @pytest.fixture
 async def service() -> AsyncIterator[ServiceProcess]:
-    """The fault service in a child process; stopped (or already killed) at teardown."""
-    proc = await asyncio.to_thread(ServiceProcess().start)
+    """The fault service in a child process; stopped (or already killed) at teardown.
+
+    Its close grace is short: no test here waits on a graceful close, and the hanging
+    handlers would otherwise hold each stop for the whole grace."""
+    proc = await asyncio.to_thread(ServiceProcess(close_grace=0.1).start)
     yield proc
     await asyncio.to_thread(proc.stop)
 
@@ -139,6 +143,7 @@ async def test_a_raising_handler_gives_an_error_reply_and_the_server_keeps_servi
 RUN = secrets.token_hex(4)
 SLOW = f"faults.{RUN}.slow"
 ADD = f"faults.{RUN}.add"
+KILLED = ["nats", "redis"]  # the kinds of broker killed under load
 
 
 @Controller()
@@ -215,13 +220,22 @@ def _outcome(result: Any) -> str:
     return "ok"
 
 
-@pytest.mark.parametrize("kind", ["nats", "redis"])
+@pytest.fixture(scope="module")
+def own_brokers(request: pytest.FixtureRequest) -> Iterator[dict[str, Spares]]:
+    """A private broker of each kind for the test that kills it."""
+    spares = {kind: spares_for(request, kind) for kind in KILLED}
+    yield spares
+    for kind_spares in spares.values():
+        kind_spares.close()
+
+
+@pytest.mark.parametrize("kind", KILLED)
 async def test_a_broker_killed_under_load_fails_fast_and_recovers(
-    kind: str, broker_url: Any
+    kind: str, broker_url: Any, own_brokers: dict[str, Spares]
 ) -> None:
     broker_url(kind)  # skips, with the reason, where this kind of broker cannot run
-    port = brokers.free_port()
-    broker = await asyncio.to_thread(brokers.start, kind, port)
+    broker = await own_brokers[kind].take()
+    port = int(broker.url.rsplit(":", 1)[1])
     options: dict[str, Any] = (
         {"servers": broker.url, "reconnect_time_wait": 0.05}
         if kind == "nats"
@@ -293,4 +307,4 @@ async def test_a_broker_killed_under_load_fails_fast_and_recovers(
         for client in clients:
             await client.close()
         await app.close()
-        await asyncio.to_thread(broker.stop)
+        own_brokers[kind].stop(broker)  # in the background

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -164,26 +165,51 @@ NODE_JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(NODE_KEYS, inner, max_size=4),
     max_leaves=12,
 )
+# One line in, one line out: the values of an example, each written by JSON.stringify.
 NODE_STRINGIFY = """
-const lines = require('fs').readFileSync(0, 'utf8').split('\\n').filter(Boolean);
-const out = lines.map((line) => {
-  const s = JSON.stringify(JSON.parse(line));
-  return [s.length, s];
+require('readline').createInterface({ input: process.stdin }).on('line', (line) => {
+  const out = JSON.parse(line).map((value) => {
+    const s = JSON.stringify(value);
+    return [s.length, s];
+  });
+  process.stdout.write(JSON.stringify(out) + '\\n');
 });
-process.stdout.write(JSON.stringify(out));
 """
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+@pytest.fixture(scope="module")
+def node_stringify() -> Iterator[Callable[[list[Any]], list[Any]]]:
+    """One node process for every example: starting one per example took most of the time."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    node = subprocess.Popen(
+        ["node", "-e", NODE_STRINGIFY], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert node.stdin is not None and node.stdout is not None
+
+    def stringify(values: list[Any]) -> list[Any]:
+        assert node.stdin is not None and node.stdout is not None
+        node.stdin.write(json.dumps(values).encode() + b"\n")  # ASCII: read unambiguously
+        node.stdin.flush()
+        line = node.stdout.readline()
+        assert line, f"node exited with {node.wait()}"
+        return json.loads(line)
+
+    try:
+        yield stringify
+    finally:
+        node.stdin.close()
+        node.wait(10)
+        node.stdout.close()
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(NODE_JSON, min_size=1, max_size=40))
-def test_frames_match_what_node_writes_byte_for_byte(values: list[Any]) -> None:
+def test_frames_match_what_node_writes_byte_for_byte(
+    node_stringify: Callable[[list[Any]], list[Any]], values: list[Any]
+) -> None:
     """JSON.stringify's text and its ``.length`` are exactly our body and prefix."""
-    lines = "".join(json.dumps(v) + "\n" for v in values)  # ASCII: node reads it unambiguously
-    result = subprocess.run(
-        ["node", "-e", NODE_STRINGIFY], input=lines.encode(), capture_output=True, check=True
-    )
-    for value, (length, text) in zip(values, json.loads(result.stdout), strict=True):
+    for value, (length, text) in zip(values, node_stringify(values), strict=True):
         # JSON.stringify writes a lone surrogate as a \u escape, so text is well formed.
         assert encode_frame(value) == b"%d#%s" % (length, text.encode())
 

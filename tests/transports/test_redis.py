@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from support.apps import (
     shared_handlers,
 )
+from support.spares import Spares, spares_for
 
 from nestpy_mini import (
     ClientProxy,
@@ -114,6 +115,14 @@ def _reset() -> None:
 @pytest.fixture
 def url(broker_url: Callable[[str], str]) -> str:
     return broker_url("redis")
+
+
+@pytest.fixture(scope="module")
+def own_redis(request: pytest.FixtureRequest) -> Iterator[Spares]:
+    """Private Redis brokers for the tests that pause, restrict or stop theirs."""
+    spares = spares_for(request, "redis")
+    yield spares
+    spares.close()
 
 
 @pytest.fixture
@@ -309,10 +318,10 @@ async def test_bad_credentials_fail_clearly_without_showing_them(
 
 
 async def test_a_silent_broker_is_noticed_by_the_ping_watchdog(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, own_redis: Spares
 ) -> None:
     """A broker that stops answering without closing the socket is not waited on forever."""
-    broker = await asyncio.to_thread(brokers.start, "redis", brokers.free_port())
+    broker = await own_redis.take()
     options = {"url": broker.url, "ping_interval": 0.1, "retry_delay": 0.1}
     app = await NestFactory.create_microservice(
         AppModule, transport=Transport.REDIS, options={**options, "close_grace": 0.2}
@@ -336,12 +345,12 @@ async def test_a_silent_broker_is_noticed_by_the_ping_watchdog(
         await raw.aclose()
         await client.close()
         await app.close()
-        await asyncio.to_thread(broker.stop)
+        own_redis.stop(broker)  # in the background
 
 
-async def test_a_refused_subscribe_fails_listen_at_once() -> None:
+async def test_a_refused_subscribe_fails_listen_at_once(own_redis: Spares) -> None:
     """An ACL that forbids a channel is reported by listen(), not waited out."""
-    broker = await asyncio.to_thread(brokers.start, "redis", brokers.free_port())
+    broker = await own_redis.take()
     admin = Redis.from_url(broker.url, protocol=2)
     try:
         await admin.execute_command(
@@ -358,11 +367,13 @@ async def test_a_refused_subscribe_fails_listen_at_once() -> None:
         assert not server.is_subscribed
     finally:
         await admin.aclose()
-        await asyncio.to_thread(broker.stop)
+        own_redis.stop(broker)  # in the background
 
 
-async def test_retry_attempts_bound_the_resubscribing(caplog: pytest.LogCaptureFixture) -> None:
-    broker = await asyncio.to_thread(brokers.start, "redis", brokers.free_port())
+async def test_retry_attempts_bound_the_resubscribing(
+    caplog: pytest.LogCaptureFixture, own_redis: Spares
+) -> None:
+    broker = await own_redis.take()
     server = RedisServer({"url": broker.url, "retry_attempts": 2, "retry_delay": 0.05})
     server.add_handler(cmd("sum"), sum, is_event=False)
     try:
@@ -372,12 +383,12 @@ async def test_retry_attempts_bound_the_resubscribing(caplog: pytest.LogCaptureF
         assert "after 2 attempts" in caplog.text and not server.is_subscribed
     finally:
         await server.close()
-        await asyncio.to_thread(broker.stop)
+        own_redis.stop(broker)  # in the background
 
 
-async def test_a_refused_publish_fails_that_request_only() -> None:
+async def test_a_refused_publish_fails_that_request_only(own_redis: Spares) -> None:
     """One PUBLISH the broker refuses fails its own request at once; the connection goes on."""
-    broker = await asyncio.to_thread(brokers.start, "redis", brokers.free_port())
+    broker = await own_redis.take()
     admin = Redis.from_url(broker.url, protocol=2)
     await admin.execute_command(
         "ACL", "SETUSER", "limited", "on", ">pw", "resetchannels", "&allowed*", "&forbidden.reply",
@@ -399,12 +410,14 @@ async def test_a_refused_publish_fails_that_request_only() -> None:
         await client.close()
         await server.close()
         await admin.aclose()
-        await asyncio.to_thread(broker.stop)
+        own_redis.stop(broker)  # in the background
 
 
-async def test_a_publish_the_broker_never_confirms_fails_within_command_timeout() -> None:
+async def test_a_publish_the_broker_never_confirms_fails_within_command_timeout(
+    own_redis: Spares,
+) -> None:
     """Writes do not wait for the broker's confirmations, so a watchdog bounds them."""
-    broker = await asyncio.to_thread(brokers.start, "redis", brokers.free_port())
+    broker = await own_redis.take()
     admin = Redis.from_url(broker.url, protocol=2)
     client = RedisClient({"url": broker.url, "command_timeout": 0.3, "timeout": 5})
     try:
@@ -421,7 +434,7 @@ async def test_a_publish_the_broker_never_confirms_fails_within_command_timeout(
     finally:
         await client.close()
         await admin.aclose()
-        await asyncio.to_thread(broker.stop)
+        own_redis.stop(broker)  # in the background
 
 
 async def test_a_send_to_a_service_that_is_not_running_fails_at_once(
