@@ -14,9 +14,22 @@ import time
 from pathlib import Path
 
 import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+KERNEL = "python3"
+
+
+def kernelspec() -> dict[str, str]:
+    """The installed kernel's spec, as JupyterLab writes it into a notebook it opens.
+
+    JupyterLab replaces a kernelspec that differs from the running kernel's, and
+    that marks the notebook changed the moment it opens: committed notebooks
+    must carry this machine's spec ("Python 3 (ipykernel)" today), not a typed one.
+    """
+    spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    return {"display_name": spec.display_name, "language": spec.language, "name": KERNEL}
 
 
 def regenerate(path: Path) -> float:
@@ -25,12 +38,14 @@ def regenerate(path: Path) -> float:
     NotebookClient(
         notebook,
         timeout=120,
-        kernel_name="python3",
+        kernel_name=KERNEL,
         resources={"metadata": {"path": str(HERE)}},
     ).execute()
     for cell in notebook.cells:
         # Timestamps would make every run a diff; nbval does not need them.
         cell.metadata.pop("execution", None)
+    # nbclient has already written the language_info of the kernel's reply.
+    notebook.metadata.kernelspec = kernelspec()
     nbformat.write(notebook, path)
     return time.monotonic() - started
 

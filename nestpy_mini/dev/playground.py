@@ -44,6 +44,9 @@ FROM_SERVICE = "←"
 SETTLE = 1.0
 QUIET = 0.05
 ID_PREFIX = "play-"  # repeatable request ids: play-1, play-2, ...
+# One label width for every box, wide enough for "Payload (JSON)": ipywidgets'
+# default cuts a longer label to "Payload (J…", and one width keeps the boxes aligned.
+LABEL_STYLE = {"description_width": "8em"}
 CLOSED_NOTE = "This playground is closed. Make a new Playground to send again."
 DEFAULT_BROKER_PORT = {"redis": 6379, "nats": 4222, "mqtt": 1883}
 _MAX_PREFIX_DIGITS = 12
@@ -60,6 +63,20 @@ def _body_end(buf: bytearray, start: int, units: int) -> int | None:
         return None
     body = encoded[: 2 * units].decode("utf-16-le", "surrogatepass")
     return start + len(body.encode("utf-8", "surrogateescape"))
+
+
+def wire_line(head: str, data: bytes, tail: str = "") -> str:
+    """One record of the wire: ``data`` as Python writes bytes, between ``head`` and ``tail``;
+    under bytes that hold non-ASCII text, that text, aligned with them.
+
+    The bytes are the wire's truth (``张`` is three of them, ``\\xe5\\xbc\\xa0``), and
+    an exercise builds them by hand.  But a frame's length prefix counts
+    characters as JavaScript does, so only the text lets a reader check it.
+    """
+    line = f"{head}{data!r}{tail}"
+    if not data.isascii():
+        line += "\n" + " " * (len(head) + 2) + data.decode("utf-8", "backslashreplace")
+    return line
 
 
 def split_frames(buf: bytearray) -> list[bytes]:
@@ -198,14 +215,14 @@ class WireTap(Tap):
                 except FrameError:  # not Nest framing: show the bytes as they came
                     frames, buf = [bytes(buf)], bytearray()
                 for frame in frames:
-                    self._record(f"{arrow} {frame!r}")
+                    self._record(wire_line(f"{arrow} ", frame))
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
             if buf:
-                self._record(f"{arrow} {bytes(buf)!r} (incomplete)")
+                self._record(wire_line(f"{arrow} ", bytes(buf), " (incomplete)"))
             writer.close()
 
     async def close(self) -> None:
@@ -253,7 +270,7 @@ class BrokerTap(Tap):
 
     def _show(self, where: str, payload: bytes, reply_to: str = "") -> None:
         suffix = f"  (reply to {reply_to})" if reply_to else ""
-        self._record(f"{where}  {payload!r}{suffix}")
+        self._record(wire_line(f"{where}  ", payload, suffix))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -460,9 +477,13 @@ class Playground:
         self._clients: dict[str, ClientProxy] = {}
         self._taps: dict[str, Tap] = {}
 
-        self.target_picker = widgets.Dropdown(options=list(self.targets), description="Target")
-        self.pattern_box = widgets.Text(value=pattern, description="Pattern")
-        self.payload_box = widgets.Textarea(value=payload, description="Payload (JSON)")
+        self.target_picker = widgets.Dropdown(
+            options=list(self.targets), description="Target", style=LABEL_STYLE
+        )
+        self.pattern_box = widgets.Text(value=pattern, description="Pattern", style=LABEL_STYLE)
+        self.payload_box = widgets.Textarea(
+            value=payload, description="Payload (JSON)", style=LABEL_STYLE
+        )
         self.send_button = widgets.Button(description="Send", button_style="primary")
         self.emit_button = widgets.Button(description="Emit")
         self.status_area = widgets.HTML()  # empty while open; the closed note after close()
@@ -480,7 +501,8 @@ class Playground:
                 self.reply_area,
                 widgets.HTML(
                     "<b>Wire</b>: TCP frames (→ to the service, ← back), "
-                    "or each broker message as its channel and payload"
+                    "or each broker message as its channel and payload; "
+                    "under bytes that hold non-ASCII text, that text"
                 ),
                 self.wire_area,
             ]

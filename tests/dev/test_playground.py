@@ -19,7 +19,13 @@ from nestpy_mini import (
     RpcException,
     Transport,
 )
-from nestpy_mini.dev.playground import Playground, WireTap, parse_pattern, split_frames
+from nestpy_mini.dev.playground import (
+    Playground,
+    WireTap,
+    parse_pattern,
+    split_frames,
+    wire_line,
+)
 
 calls: list[object] = []
 events: list[object] = []
@@ -97,6 +103,25 @@ async def test_emit_reaches_the_handler_and_its_frame_has_no_id(playground: Play
     await wait_until(lambda: events == [{"userId": "42"}])
     assert "no reply" in playground.reply_text
     assert playground.wire_text == ("""→ b'49#{"pattern":"user_created","data":{"userId":"42"}}'""")
+
+
+async def test_non_ascii_data_shows_as_bytes_and_as_text(playground: Playground) -> None:
+    # 张三 is 2 characters and 6 bytes: the prefix 49 counts characters, as JavaScript does,
+    # so a reader needs the text under the bytes to check it.
+    await click(playground, playground.emit_button, "user_created", '{"userId": "张三"}')
+    await wait_until(lambda: events == [{"userId": "张三"}])
+    assert playground.wire_text.splitlines() == [
+        r"""→ b'49#{"pattern":"user_created","data":{"userId":"\xe5\xbc\xa0\xe4\xb8\x89"}}'""",
+        """    49#{"pattern":"user_created","data":{"userId":"张三"}}""",
+    ]
+    assert "张三" in playground.wire_area.value
+
+
+def test_wire_line_adds_text_only_under_non_ascii_bytes() -> None:
+    assert wire_line("→ ", b"2#{}") == "→ b'2#{}'"  # ASCII: the bytes already read as text
+    shown = wire_line("ch  ", "é".encode(), "  (reply to r)")
+    assert shown == "ch  b'\\xc3\\xa9'  (reply to r)\n      é"  # the text under the bytes
+    assert wire_line("", b"\xff") == "b'\\xff'\n  \\xff"  # not UTF-8: escaped, never an exception
 
 
 async def test_invalid_json_shows_an_error_and_sends_nothing(playground: Playground) -> None:
