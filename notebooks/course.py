@@ -243,15 +243,41 @@ async def start_instances(count: int, module: type, **how: Any) -> _Instances:
     return group
 
 
-# Instances as processes (08): notebooks/adder.py, one process per instance.
+# Child processes (05c, 08): each prints ``ready`` once it serves, and closes gracefully when
+# its standard input ends, so that none outlives a kernel that dies.
 
 
-class Instance:
-    """One ``adder.py`` process; ``log`` keeps the last lines it wrote to stderr."""
+class Child:
+    """A process the course started.  Its stdout lines after ``ready`` go to ``on_line``
+    (by default into ``lines``); ``log`` keeps the last lines of its stderr, which
+    ``failure`` quotes in one line."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self,
+        name: str,
+        process: asyncio.subprocess.Process,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.name, self.process = name, process
-        self.log: collections.deque[str] = collections.deque(maxlen=20)
+        self.lines: list[str] = []
+        self.on_line = on_line or self.lines.append
+        self.log: collections.deque[str] = collections.deque(maxlen=100)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._readers = [asyncio.ensure_future(self._out()), asyncio.ensure_future(self._err())]
+
+    async def _out(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line == "ready" and not self.ready.done():
+                self.ready.set_result(None)
+            else:
+                self.on_line(line)
+
+    async def _err(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.log.append(raw.decode(errors="replace").rstrip())
 
     @property
     def running(self) -> bool:
@@ -262,51 +288,83 @@ class Instance:
         if self.running:
             self.process.kill()
 
+    def failure(self) -> RuntimeError:
+        """Why it failed, in one line: a Python or node error line, else its last line."""
+        said = next((line for line in reversed(self.log) if _ERROR_LINE.match(line)), None)
+        if said is None:
+            said = self.log[-1] if self.log else f"exit code {self.process.returncode}"
+        return RuntimeError(f"{self.name} failed: {said}")
 
-class Processes(list[Instance]):
+    async def wait(self, within: float = 20.0) -> int:
+        """Wait until it exits, at most ``within`` s; return its exit code."""
+        code = await asyncio.wait_for(self.process.wait(), within)
+        await asyncio.gather(*self._readers)
+        return code
+
+    async def close(self) -> None:
+        """End its standard input (a graceful close), then SIGKILL after 5 s."""
+        if self.running:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), 5)
+            except TimeoutError:
+                self.kill()
+        await self.wait()
+
+
+# "TypeError: ...", "ConnectionError: ...", "nestpy_mini.exceptions.WiringError: ..."
+_ERROR_LINE = re.compile(r"[\w.]*(Error|Exception)\b.*: ")
+
+
+async def spawn(
+    name: str, argv: list[str], on_line: Callable[[str], None] | None = None, **how: Any
+) -> Child:
+    """Start ``argv`` as a ``Child`` (``how``: ``cwd``, ``env``); do not wait for it."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        **how,
+    )
+    return Child(name, process, on_line)
+
+
+async def until_ready(*children: Child, within: float = 30.0) -> None:
+    """Return once every child printed ``ready``; else close them all and raise why."""
+    for child in children:
+        exited = asyncio.ensure_future(child.process.wait())
+        await asyncio.wait([child.ready, exited], timeout=within, return_when="FIRST_COMPLETED")
+        exited.cancel()
+        if not child.ready.done():
+            for each in children:
+                await each.close()
+            raise child.failure()
+
+
+# Instances as processes (08): notebooks/adder.py, one process per instance.
+
+
+class Processes(list[Child]):
     """The instances ``start_processes`` started.  ``runs`` gets ``(name, n)`` each time
     an instance's handler starts on request ``n``; ``close`` stops them all."""
 
     def __init__(self) -> None:
         super().__init__()
         self.runs: list[tuple[str, int]] = []
-        self._readers: list[asyncio.Task[None]] = []
+
+    def counter(self, name: str) -> Callable[[str], None]:
+        """What to do with a line from instance ``name``: adder.py prints ``ran <n>``."""
+
+        def count(line: str) -> None:
+            if line.startswith("ran "):
+                self.runs.append((name, int(line[4:])))
+
+        return count
 
     async def close(self) -> None:
-        """SIGTERM (a graceful close) to those still running, SIGKILL after 5 s."""
-        for instance in self:
-            if instance.running:
-                instance.process.terminate()
-        for instance in self:
-            try:
-                await asyncio.wait_for(instance.process.wait(), 5)
-            except TimeoutError:
-                instance.kill()
-                await instance.process.wait()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-
-
-async def _read(
-    instance: Instance, runs: list[tuple[str, int]], ready: asyncio.Future[None]
-) -> None:
-    """Turn an instance's output into ``runs``; ``ready`` resolves at its first line."""
-    assert instance.process.stdout is not None and instance.process.stderr is not None
-
-    async def errors() -> None:
-        async for line in instance.process.stderr:  # type: ignore[union-attr]
-            instance.log.append(line.decode(errors="replace").rstrip())
-
-    logging = asyncio.ensure_future(errors())
-    async for line in instance.process.stdout:
-        text = line.decode().strip()
-        if text == "ready" and not ready.done():
-            ready.set_result(None)
-        elif text.startswith("ran "):
-            runs.append((instance.name, int(text[4:])))
-    await logging
-    if not ready.done():
-        last = instance.log[-1] if instance.log else f"exit code {instance.process.returncode}"
-        ready.set_exception(RuntimeError(f"{instance.name} did not start: {last}"))
+        await asyncio.gather(*(instance.close() for instance in self))
 
 
 async def start_processes(
@@ -322,35 +380,17 @@ async def start_processes(
     of its own, named ``instance 1``, ``instance 2``...; return once every one serves.
 
     ``pattern`` defaults to the chapter's ``{"cmd": "sum"}``; ``work`` and ``ack`` are
-    adder.py's options.  Each instance stops by itself if this kernel dies.
+    adder.py's options.
     """
-    script = Path(__file__).with_name("adder.py")
+    script = str(Path(__file__).with_name("adder.py"))
     group = Processes()
-    waits = []
-    try:
-        for number in range(1, count + 1):
-            argv = ["--name", f"instance {number}", "--transport", transport.name]
-            argv += ["--options", json.dumps(options), "--work", str(work)]
-            argv += ["--pattern", json.dumps(pattern or {"cmd": "sum"})] + (
-                ["--ack"] if ack else []
-            )
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(script),
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            instance = Instance(f"instance {number}", process)
-            group.append(instance)
-            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            group._readers.append(asyncio.ensure_future(_read(instance, group.runs, ready)))
-            waits.append(ready)
-        await asyncio.wait_for(asyncio.gather(*waits), 30)
-    except BaseException:
-        await group.close()
-        raise
+    for number in range(1, count + 1):
+        name = f"instance {number}"
+        argv = [sys.executable, script, "--name", name, "--transport", transport.name]
+        argv += ["--options", json.dumps(options), "--work", str(work)]
+        argv += ["--pattern", json.dumps(pattern or {"cmd": "sum"})] + (["--ack"] if ack else [])
+        group.append(await spawn(name, argv, group.counter(name)))
+    await until_ready(*group)
     return group
 
 
@@ -361,7 +401,6 @@ async def start_processes(
 
 NEST_SOURCES = Path(__file__).with_name("nest")
 _REGION = re.compile(r"^// #region (\S+)\n(.*?)^// #endregion\n", re.MULTILINE | re.DOTALL)
-_JS_ERROR = re.compile(r"[\w.]*(Error|Exception)\b.*: ")  # "TypeError: ...", "ConnectionError: ..."
 
 
 class Source:
@@ -404,85 +443,17 @@ def compile_nest() -> Path:
         return node.typescript(NEST_SOURCES)
 
 
-class NodeProcess:
-    """A node process running a script of the compiled ``nest/``.
-
-    ``lines`` holds what it printed on stdout after its ``ready``; ``log`` the last lines
-    of its stderr, quoted when it fails.  ``close`` ends its stdin, on which the course's
-    scripts close gracefully; so a script never outlives a kernel that dies.
-    """
-
-    def __init__(self, script: str, process: asyncio.subprocess.Process) -> None:
-        self.script, self.process = script, process
-        self.lines: list[str] = []
-        self.log: collections.deque[str] = collections.deque(maxlen=100)
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._readers = [asyncio.ensure_future(self._out()), asyncio.ensure_future(self._err())]
-
-    async def _out(self) -> None:
-        assert self.process.stdout is not None
-        async for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line == "ready" and not self.ready.done():
-                self.ready.set_result(None)
-            else:
-                self.lines.append(line)
-
-    async def _err(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.log.append(raw.decode(errors="replace").rstrip())
-
-    def failure(self) -> RuntimeError:
-        """The error, in one line: node's stderr ends with a stack trace and its version."""
-        said = next((line for line in self.log if _JS_ERROR.match(line)), None)
-        if said is None:
-            said = self.log[-1] if self.log else f"exit code {self.process.returncode}"
-        return RuntimeError(f"node {self.script} failed: {said}")
-
-    async def wait(self, within: float = 20.0) -> int:
-        """Wait until it exits, at most ``within`` s; return its exit code."""
-        code = await asyncio.wait_for(self.process.wait(), within)
-        await asyncio.gather(*self._readers)
-        return code
-
-    async def close(self) -> None:
-        if self.process.returncode is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                await asyncio.wait_for(self.process.wait(), 5)
-            except TimeoutError:
-                self.process.kill()
-        await self.wait()
-
-
-async def _node(build: Path, script: str, args: tuple[str, ...]) -> NodeProcess:
+async def _node(build: Path, script: str, args: tuple[str, ...]) -> Child:
     # ipykernel sets FORCE_COLOR=1 for its own children; node would then wrap the numbers
     # that console.log prints in colour codes, which a cell's output should not hold.
     plain = {**os.environ, "FORCE_COLOR": "0", "NO_COLOR": "1"}
-    process = await asyncio.create_subprocess_exec(
-        node.node(),
-        script,
-        *args,
-        cwd=build,
-        env=plain,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return NodeProcess(script, process)
+    return await spawn(f"node {script}", [node.node(), script, *args], cwd=build, env=plain)
 
 
-async def start_node(build: Path, script: str, *args: str) -> NodeProcess:
+async def start_node(build: Path, script: str, *args: str) -> Child:
     """Start ``node <script> <args>`` in ``build``; return once it prints ``ready``."""
     started = await _node(build, script, args)
-    exited = asyncio.ensure_future(started.process.wait())
-    await asyncio.wait([started.ready, exited], timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    exited.cancel()
-    if not started.ready.done():
-        await started.close()
-        raise started.failure()
+    await until_ready(started, within=20)
     return started
 
 
