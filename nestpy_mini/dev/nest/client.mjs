@@ -26,6 +26,7 @@ import { lastValueFrom } from 'rxjs';
 import { createInterface } from 'readline';
 import {
   buildTransportOptions,
+  firstFetch,
   KAFKA_REPLY_PATTERNS,
   parseArgs,
   StderrLogger,
@@ -89,6 +90,9 @@ async function start() {
     }
   }
   await client.connect();
+  if (kind === 'kafka') {
+    await firstFetch(client.consumer);  // its reply topics' offsets are set
+  }
   process.stdout.write('READY\n');
 
   const pending = new Set();

@@ -205,11 +205,31 @@ function safeJson(value) {
 }
 
 /**
+ * Resolve at the consumer's first completed fetch. kafkajs's consumer.run(), the
+ * last step of Nest's Kafka listen() and connect(), returns before the group is
+ * joined; a new group then starts each partition at its latest offset, so a
+ * record written before that (a request, or its reply) was skipped, and its
+ * caller timed out (1 run in 6 of test_a_null_reply_is_one_null_value_for_both_clients).
+ * A fetch comes after the join and the offsets.
+ */
+export function firstFetch(consumer) {
+  return new Promise(resolve => {
+    const remove = consumer.on(consumer.events.FETCH, () => {
+      remove();
+      resolve();
+    });
+  });
+}
+
+/**
  * Serve, then tell the parent process on stdout: exactly one line, "READY <port>"
  * (the bound port for TCP, 0 for brokers), which the Python side waits for.
  */
 export async function listenAndAnnounce(app, kind) {
   await app.listen();
+  if (kind === 'kafka') {
+    await firstFetch(app.unwrap()[1]);
+  }
   let port = 0;
   if (kind === 'tcp') {
     const address = app.unwrap().address();
