@@ -1,14 +1,23 @@
-"""Run every notebook top to bottom and save its outputs.
+"""Run every notebook's source once and write both editions of it, with outputs.
 
-This is the one way committed outputs are made, so what `pytest --nbval`
-compares against is always a clean, in-order run:
+The course has one source per notebook, in ``source/``: its prose in English and
+in Chinese side by side, each Markdown cell marked with its language in its
+metadata (``"lang": "en"`` or ``"lang": "zh"``), and one set of code cells that
+both languages share.  This is the one way committed notebooks are made:
 
     python notebooks/regenerate.py          # every notebook
     python notebooks/regenerate.py 03 05    # those whose names start so
+
+Each source runs top to bottom once, in this folder.  Its code cells, with the
+outputs of that one run, then go into both editions: ``NN_name.ipynb`` here
+(English, which ``pytest --nbval`` checks) and ``zh/NN_name.ipynb`` (Chinese).
+The code and outputs of the two editions are therefore the same objects, and
+tests/course/test_editions.py checks that nobody edited one edition alone.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -16,8 +25,11 @@ from pathlib import Path
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
+from nbformat import NotebookNode
 
 HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "source"
+EDITIONS = {"en": HERE, "zh": HERE / "zh"}  # language -> folder of that edition
 KERNEL = "python3"
 
 
@@ -32,9 +44,21 @@ def kernelspec() -> dict[str, str]:
     return {"display_name": spec.display_name, "language": spec.language, "name": KERNEL}
 
 
-def regenerate(path: Path) -> float:
+def edition(source: NotebookNode, lang: str) -> NotebookNode:
+    """The cells of ``source`` a reader of ``lang`` sees: unmarked cells and those marked ``lang``.
+
+    The language mark stays in the source only; an edition is a plain notebook.
+    """
+    notebook = copy.deepcopy(source)
+    notebook.cells = [c for c in notebook.cells if c.metadata.get("lang", lang) == lang]
+    for cell in notebook.cells:
+        cell.metadata.pop("lang", None)
+    return notebook
+
+
+def execute(path: Path) -> NotebookNode:
+    """The source at ``path``, run top to bottom in this folder, as a reader's kernel runs it."""
     notebook = nbformat.read(path, as_version=4)
-    started = time.monotonic()
     NotebookClient(
         notebook,
         timeout=120,
@@ -46,12 +70,20 @@ def regenerate(path: Path) -> float:
         cell.metadata.pop("execution", None)
     # nbclient has already written the language_info of the kernel's reply.
     notebook.metadata.kernelspec = kernelspec()
-    nbformat.write(notebook, path)
+    return notebook
+
+
+def regenerate(path: Path) -> float:
+    started = time.monotonic()
+    ran = execute(path)
+    for lang, folder in EDITIONS.items():
+        folder.mkdir(exist_ok=True)
+        nbformat.write(edition(ran, lang), folder / path.name)
     return time.monotonic() - started
 
 
 def main(prefixes: list[str]) -> None:
-    paths = sorted(HERE.glob("*.ipynb"))
+    paths = sorted(SOURCE.glob("*.ipynb"))
     if prefixes:
         paths = [p for p in paths if p.name.startswith(tuple(prefixes))]
     total = 0.0
