@@ -390,6 +390,12 @@ class Lab:
                 raise AssertionError(f"{name}: the kernel was not idle within 60 s of opening")
             time.sleep(0.2)
 
+    def active_path(self) -> str | None:
+        """The path of the notebook in the front tab, from the tab's tooltip ("Path: ...")."""
+        title = self.page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current").first
+        found = re.search(r"^Path: (.+)$", title.get_attribute("title") or "", re.MULTILINE)
+        return found.group(1) if found else None
+
     def cell(self, index: int) -> Locator:
         return self.page.locator(f'{PANEL} .jp-Cell[data-windowed-list-index="{index}"]')
 
@@ -540,30 +546,36 @@ class Lab:
                 return problems
             time.sleep(0.5)
 
-    def cjk_problems(self) -> list[str]:
-        """Chinese headings drawn as text: each Han character unlike the missing-glyph box."""
-        headings = self.page.locator(
-            f"{PANEL} .jp-MarkdownOutput :is(h1, h2, h3)", has_text=re.compile(r"[\u4e00-\u9fff]")
+    def cjk_problems(self, prose: bool = False, sample: int = 40) -> list[str]:
+        """Chinese drawn as text: each Han character unlike the missing-glyph box.
+
+        The headings, and with ``prose`` the paragraphs and list items too (the
+        Chinese edition), up to ``sample`` of those, spread over the notebook.
+        """
+        kinds = "h1, h2, h3, p, li" if prose else "h1, h2, h3"
+        found = self.page.locator(
+            f"{PANEL} .jp-MarkdownOutput :is({kinds})", has_text=re.compile(r"[\u4e00-\u9fff]")
         )
-        if headings.count() == 0:
-            return ["no heading with Chinese text on the page"]
+        if found.count() == 0:
+            return [f"no {kinds} with Chinese text on the page"]
         problems = []
-        for k in range(headings.count()):
-            m = headings.nth(k).evaluate(CJK_JS)
+        picked = range(0, found.count(), max(1, found.count() // sample))
+        for k in picked:
+            m = found.nth(k).evaluate(CJK_JS)
             per_char = m["width"] / m["count"]
             if m["drawnAsBox"] or abs(m["width"] - m["box"]) < 0.05 * m["box"]:
                 problems.append(
-                    f"heading {m['text']!r}: {m['count']} Han characters {m['width']:.1f} px wide,"
+                    f"{m['text']!r}: {m['count']} Han characters {m['width']:.1f} px wide,"
                     f" {m['count']} missing-glyph boxes {m['box']:.1f} px;"
                     f" drawn like the box: {''.join(m['drawnAsBox']) or 'none'}"
                 )
             elif not 0.8 <= per_char / m["fontSize"] <= 1.2:  # CJK ideographs are one em wide
                 problems.append(
-                    f"heading {m['text']!r}: Han characters {per_char:.1f} px wide"
+                    f"{m['text']!r}: Han characters {per_char:.1f} px wide"
                     f" at {m['fontSize']:.0f} px font size; an ideograph is one em"
                 )
         if len(problems) > 3:
-            problems[3:] = [f"and {len(problems) - 3} more of {headings.count()} headings so"]
+            problems[3:] = [f"and {len(problems) - 3} more of {len(picked)} {kinds} so"]
         return problems
 
     def screenshot(self, path: Path) -> None:

@@ -24,19 +24,23 @@ import json
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from jupyterlab_driver import COURSE, Expected, Lab, LabServer, Outputs
+from jupyterlab_driver import COURSE, PANEL, Expected, Lab, LabServer, Outputs
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator
 
 pytestmark = pytest.mark.browser
 
-NOTEBOOKS = sorted(p.name for p in COURSE.glob("*.ipynb"))
+# The English edition, whole; of the Chinese one (the same code cells, see
+# tests/course/test_editions.py), its course map and one lesson, for its prose.
+CHINESE = ["zh/00_course_map.ipynb", "zh/02_basic_usage.ipynb"]
+NOTEBOOKS = sorted(p.name for p in COURSE.glob("*.ipynb")) + CHINESE
 RUN_ALL_TIMEOUT = 60.0  # seconds; here Run All takes 0.4-3 s, 08 11 s: room for slower machines
 SLOW = {"05c_python_and_nestjs.ipynb": 90.0, "08_scaling_out.ipynb": 90.0}
 
@@ -98,7 +102,12 @@ def screenshots() -> Path:
     return SCREENSHOTS
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS, ids=[Path(n).stem for n in NOTEBOOKS])
+def shot(name: str) -> str:
+    """The screenshot's and the test's name: ``02_basic_usage``, ``zh_02_basic_usage``."""
+    return name.removesuffix(".ipynb").replace("/", "_")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS, ids=[shot(n) for n in NOTEBOOKS])
 def test_notebook_runs_from_the_menu(
     lab: Lab, notebooks: Path, screenshots: Path, name: str
 ) -> None:
@@ -115,10 +124,10 @@ def test_notebook_runs_from_the_menu(
         outputs = Outputs.read(path, expected)
         problems += [f"cell {i}: {error}" for i, error in sorted(outputs.errors.items())]
         problems += lab.rendering_problems(expected, outputs)
-        problems += lab.cjk_problems()
-        lab.screenshot(screenshots / f"{path.stem}.png")
+        problems += lab.cjk_problems(prose=name in CHINESE)
+        lab.screenshot(screenshots / f"{shot(name)}.png")
     except Exception:
-        lab.page.screenshot(path=str(screenshots / f"{path.stem}_error.png"))
+        lab.page.screenshot(path=str(screenshots / f"{shot(name)}_error.png"))
         raise
     finally:
         problems += lab.close(name)
@@ -216,3 +225,23 @@ def playground_texts(form: Locator) -> tuple[str, str]:
     texts = form.locator(".widget-html-content").evaluate_all("hs => hs.map(h => h.textContent)")
     heads = [t.split(":")[0].strip() for t in texts]
     return texts[heads.index("Reply") + 1].strip(), texts[heads.index("Wire") + 1].strip()
+
+
+def test_each_course_map_opens_the_other_edition(lab: Lab) -> None:
+    """The link at the top of each course map, clicked as a reader would, opens the other one."""
+    english, chinese = "00_course_map.ipynb", "zh/00_course_map.ipynb"
+    lab.open(english)
+    left: list[str] = []
+    try:
+        for there, href in ((chinese, chinese), (english, f"../{english}")):
+            # JupyterLab rewrites a relative href into a server URL; the text stays the path
+            link = lab.page.locator(f"{PANEL} .jp-MarkdownOutput a", has_text=href).first
+            link.click()
+            deadline = time.monotonic() + 60
+            while lab.active_path() != there or lab.server.kernel_state(there) != "idle":
+                assert time.monotonic() < deadline, f"the link {href} did not open {there}"
+                time.sleep(0.2)
+    finally:
+        left += lab.close(english)  # the active tab; the Chinese one comes to the front
+        left += lab.close(chinese)
+    assert not left, left
